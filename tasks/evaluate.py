@@ -1,0 +1,162 @@
+"""Evaluation by label scoring: every label's answer is scored as the continuation of the chat prompt.
+
+No free generation and no answer parsing: for each dev row, the sum of the answer tokens' log-probs is
+computed for every label in one batched forward pass per group of sequences, the prediction is the
+argmax and the probabilities are the softmax over labels. The same scorer serves the zero-shot
+baseline (base model, same prompt) and the fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import task
+
+from loraflow.config import EvalSettings
+from tasks.ingest import LABEL
+from tasks.models import load_causal_lm, load_tokenizer
+from tasks.prompts import COMPLETION, PROMPT, read_answers, read_prompts
+from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
+
+
+def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_choices(
+    tokenizer: Any, messages: list[dict[str, str]], answers: list[str]
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of prompt + each answer turn, as the trainer builds them, and where each answer starts."""
+    prompt = _ids(tokenizer, messages, generation_prompt=True)
+    sequences, starts = [], []
+    for answer in answers:
+        full = _ids(tokenizer, [*messages, {"role": "assistant", "content": answer}], generation_prompt=False)
+        sequences.append(full)
+        starts.append(_common_prefix(prompt, full))
+    return sequences, starts
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def score_labels(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 16
+) -> np.ndarray:
+    """(rows × labels) sums of the answer tokens' log-probs given each prompt."""
+    items = []  # (row, label, ids, continuation length)
+    for row, messages in enumerate(prompts):
+        sequences, prefixes = encode_choices(tokenizer, messages, answers)
+        for label, (ids, prefix) in enumerate(zip(sequences, prefixes, strict=True)):
+            items.append((row, label, ids, len(ids) - prefix))
+    order = sorted(range(len(items)), key=lambda i: len(items[i][2]))  # similar lengths share a batch
+    scores = np.zeros((len(prompts), len(answers)), dtype=np.float64)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        batch = [items[i] for i in order[start : start + batch_size]]
+        width = max(len(ids) for _, _, ids, _ in batch)
+        keep = max(n for *_, n in batch) + 1
+        # Left padding puts every answer at the end, so only the last `keep` positions need logits.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, _, ids, _ in batch], device=device)
+        mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids, _ in batch], device=device
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+        ).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for b, (row, label, ids, n) in enumerate(batch):
+            targets = torch.tensor(ids[-n:], device=device)
+            steps = torch.arange(keep - n - 1, keep - 1, device=device)
+            scores[row, label] = logprobs[b, steps, targets].sum().item()
+    return scores
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of label scores into probabilities."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def classification_metrics(
+    gold: list[str], predicted: list[str], labels: list[str], kind: str
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows = gold)."""
+    index = {label: i for i, label in enumerate(labels)}
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
+    for g, p in zip(gold, predicted, strict=True):
+        confusion[index[g], index[p]] += 1
+    per_class = {}
+    for label, i in index.items():
+        tp = int(confusion[i, i])
+        precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
+        recall = tp / confusion[i, :].sum() if confusion[i, :].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": int(confusion[i, :].sum()),
+        }
+    return {
+        "kind": kind,
+        "accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)),
+        "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+@task(name="evaluate", cache_policy=CONTENT_CACHE)
+def evaluate_model(
+    model: Ref, prompts: Ref, kind: str, settings: EvalSettings, dtype: str, store: str
+) -> Ref:
+    """Score the dev split with `model`; write predictions.parquet and metrics.json."""
+    key = digest_of("evaluate", model.digest, prompts.digest, kind, settings, dtype)
+    folder = work_dir(store, "evaluate", key)
+    if is_complete(folder):
+        return Ref(path=str(folder), digest=key)
+    labels, answers = read_answers(prompts)
+    dev = read_prompts(prompts, "dev")
+    tokenizer = load_tokenizer(model.path)
+    network = load_causal_lm(model.path, dtype)
+    started = time.perf_counter()
+    scores = score_labels(network, tokenizer, dev[PROMPT].tolist(), answers, settings.batch_size)
+    seconds = time.perf_counter() - started
+    probabilities = softmax(scores)
+    predicted = [labels[i] for i in scores.argmax(axis=1)]
+    predictions = dev.drop(columns=[PROMPT, COMPLETION]).rename(columns={LABEL: "gold"})
+    predictions["predicted"] = predicted
+    for i, label in enumerate(labels):
+        predictions[f"prob_{label}"] = probabilities[:, i]
+    metrics = classification_metrics(dev[LABEL].tolist(), predicted, labels, kind)
+    metrics["eval"] = {
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(len(dev) / max(seconds, 1e-9), 3),
+    }
+    with building(folder) as tmp:
+        predictions.to_parquet(tmp / "predictions.parquet", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return Ref(path=str(folder), digest=key)
+
+
+def read_evaluation(ref: Ref) -> tuple[dict[str, Any], pd.DataFrame]:
+    """(metrics, predictions) written by `evaluate_model`."""
+    folder = Path(ref.path)
+    return json.loads((folder / "metrics.json").read_text()), pd.read_parquet(folder / "predictions.parquet")

@@ -1,0 +1,194 @@
+"""Ingest: read the user's tables (xlsx, tsv, csv, parquet, jsonl) into one parquet file per split.
+
+The cache key is the sha256 of the source bytes plus the data settings, so an unchanged file is never
+read twice. When no dev file is given, a seeded stratified split of train is held out.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy
+
+from loraflow.config import DataSettings, did_you_mean, normalize_label
+from loraflow.errors import DataError
+from tasks.store import (
+    CONTENT_CACHE,
+    Ref,
+    building,
+    digest_of,
+    is_complete,
+    retry_unless_user_error,
+    sha256_file,
+    work_dir,
+)
+
+SUPPORTED = (".xlsx", ".xlsm", ".tsv", ".csv", ".parquet", ".jsonl")
+ROW = "_row"  # the row number in the source file, kept so every message can point at it
+LABEL = "label"  # the normalised label, as text
+
+
+def _source_digests(data: DataSettings) -> dict[str, str]:
+    digests = {}
+    for path in (data.train, data.dev):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise DataError(f"data file {path} not found; check data.train / data.dev in the config")
+        digests[str(path)] = sha256_file(path)
+    return digests
+
+
+def _source_key(_context: Any, inputs: dict[str, Any]) -> str:
+    return digest_of(_source_digests(inputs["data"]))
+
+
+def _read_excel(path: Path, data: DataSettings) -> pd.DataFrame:
+    if not zipfile.is_zipfile(path):
+        raise DataError(
+            f"{path} is not a valid .xlsx workbook (not a zip archive); re-save it from Excel "
+            "as .xlsx, or give it the extension that matches its content (.csv, .tsv)"
+        )
+    try:
+        sheets = pd.ExcelFile(path, engine="openpyxl")
+    except Exception as e:  # openpyxl raises many types for broken workbooks
+        raise DataError(f"{path}: cannot open workbook ({e}); re-save it from Excel as .xlsx") from e
+    with sheets:
+        names = sheets.sheet_names
+        if isinstance(data.sheet, int) and not 0 <= data.sheet < len(names):
+            raise DataError(f"{path}: sheet index {data.sheet} out of range; sheets are {names}")
+        if isinstance(data.sheet, str) and data.sheet not in names:
+            raise DataError(
+                f"{path}: sheet '{data.sheet}' not found{did_you_mean(data.sheet, names)}; sheets are {names}"
+            )
+        return sheets.parse(data.sheet, header=data.header_row - 1)
+
+
+def _read_table(path: Path, data: DataSettings) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED:
+        raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty (0 bytes)")
+    if suffix in (".xlsx", ".xlsm"):
+        frame = _read_excel(path, data)
+    elif suffix in (".tsv", ".csv"):
+        try:
+            frame = pd.read_csv(
+                path,
+                sep="\t" if suffix == ".tsv" else ",",
+                header=data.header_row - 1,
+                encoding=data.encoding,
+                dtype=str,
+                keep_default_na=False,
+                na_values=[""],
+            )
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}: not valid {data.encoding} text at byte {e.start}; set data.encoding "
+                "(e.g. cp1252 or latin-1 for files saved by older Excel)"
+            ) from e
+    elif suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_json(path, lines=True, dtype=False)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    # Spreadsheet rows are 1-based and the header takes one, so data row i sits on line header_row + 1 + i.
+    offset = data.header_row + 1 if suffix in (".xlsx", ".xlsm", ".tsv", ".csv") else 1
+    frame[ROW] = np.arange(len(frame)) + offset
+    return frame
+
+
+def _select(frame: pd.DataFrame, path: Path, columns: list[str], label_column: str) -> pd.DataFrame:
+    available = [c for c in frame.columns if c != ROW]
+    missing = [c for c in [*columns, label_column] if c not in available]
+    if missing:
+        details = "; ".join(f"'{c}'{did_you_mean(c, available)}" for c in missing)
+        hint = ""
+        if all(c.startswith("Unnamed") for c in available[:2]):
+            hint = "; the header may not be on the first row: set data.header_row"
+        raise DataError(f"{path}: column(s) {details} not found; columns are {available}{hint}")
+    out = pd.DataFrame({ROW: frame[ROW]})
+    for column in columns:
+        out[column] = frame[column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
+    out[LABEL] = frame[label_column].map(lambda v: None if pd.isna(v) else normalize_label(v)).astype(object)
+    return out
+
+
+def _sort_key(label: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def infer_labels(data: DataSettings, train_labels: pd.Series) -> list[str]:
+    """Allowed labels: the explicit list, else the answer map's keys, else the train labels sorted."""
+    if data.labels:
+        return [normalize_label(v) for v in data.labels]
+    if data.answers:
+        return [normalize_label(v) for v in data.answers]
+    return sorted({v for v in train_labels.dropna()}, key=_sort_key)
+
+
+def split_stratified(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out `fraction` of each label's rows (at least one when a label has two or more), seeded."""
+    rng = np.random.default_rng(seed)
+    dev_index: list[int] = []
+    for _, group in frame.groupby(LABEL, sort=True, dropna=False):
+        n_dev = int(round(len(group) * fraction))
+        n_dev = min(max(n_dev, 1 if len(group) > 1 else 0), len(group) - 1) if len(group) > 1 else 0
+        dev_index.extend(rng.choice(group.index.to_numpy(), size=n_dev, replace=False).tolist())
+    is_dev = frame.index.isin(dev_index)
+    return frame[~is_dev].reset_index(drop=True), frame[is_dev].reset_index(drop=True)
+
+
+@task(
+    name="ingest",
+    cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_source_key),
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=retry_unless_user_error,
+)
+def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
+    """Read train (and dev) into `train.parquet` / `dev.parquet` with the normalised label column."""
+    sources = _source_digests(data)
+    key = digest_of("ingest", data, columns, sources)
+    folder = work_dir(store, "ingest", key)
+    if is_complete(folder):
+        return Ref(path=str(folder), digest=key)
+    train = _select(_read_table(data.train, data), data.train, columns, data.label_column)
+    if data.dev is not None:
+        dev = _select(_read_table(data.dev, data), data.dev, columns, data.label_column)
+    else:
+        train, dev = split_stratified(train, data.dev_fraction, data.split_seed)
+    labels = infer_labels(data, train[LABEL])
+    with building(folder) as tmp:
+        train.to_parquet(tmp / "train.parquet", index=False)
+        dev.to_parquet(tmp / "dev.parquet", index=False)
+        files = {"train": str(data.train), "dev": str(data.dev or f"{data.train} (held-out split)")}
+        meta = {
+            "sources": sources,
+            "files": files,
+            "labels": labels,
+            "columns": columns,
+            "rows": {"train": len(train), "dev": len(dev)},
+        }
+        (tmp / "ingest.json").write_text(json.dumps(meta, indent=1))
+    return Ref(path=str(folder), digest=key)
+
+
+def read_split(ref: Ref, split: str) -> pd.DataFrame:
+    """Load one split written by `ingest_table`."""
+    return pd.read_parquet(Path(ref.path) / f"{split}.parquet")
+
+
+def read_meta(ref: Ref) -> dict[str, Any]:
+    """Sources, labels, columns and row counts recorded by `ingest_table`."""
+    return json.loads((Path(ref.path) / "ingest.json").read_text())

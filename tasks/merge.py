@@ -1,0 +1,64 @@
+"""Merge: fold the LoRA adapter into the base weights and save a standard Hugging Face model folder.
+
+Before saving, a few dev rows are scored with the adapter model and with the merged model; the merge is
+accepted only when both give the same label scores within float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from prefect import task
+
+from loraflow.config import PromptSettings
+from tasks.evaluate import score_labels
+from tasks.models import load_causal_lm, load_tokenizer
+from tasks.prompts import PROMPT, read_answers, read_prompts
+from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
+
+CHECK_ROWS = 4
+TOLERANCE = 1e-3  # absolute, on summed log-probs in float32
+
+
+@task(name="merge-adapter", cache_policy=CONTENT_CACHE)
+def merge_adapter(
+    adapter: Ref, model: Ref, prompts: Ref, prompt: PromptSettings, dtype: str, store: str
+) -> Ref:
+    """Write `merged/` (safetensors + tokenizer + loraflow.json) after checking it scores like the adapter."""
+    key = digest_of("merge", adapter.digest, model.digest, prompts.digest, prompt, dtype)
+    folder = work_dir(store, "merge", key)
+    result = Ref(path=str(folder / "merged"), digest=key)
+    if is_complete(folder):
+        return result
+    labels, answers = read_answers(prompts)
+    rows = read_prompts(prompts, "dev")[PROMPT].tolist()[:CHECK_ROWS]
+    tokenizer = load_tokenizer(model.path)
+    base = load_causal_lm(model.path, "float32")  # merge in full precision, cast on save if asked
+    adapted = PeftModel.from_pretrained(base, str(Path(adapter.path) / "adapter")).eval()
+    before = score_labels(adapted, tokenizer, rows, answers)
+    merged = adapted.merge_and_unload().eval()
+    after = score_labels(merged, tokenizer, rows, answers)
+    difference = float(np.max(np.abs(before - after))) if rows else 0.0
+    if difference > TOLERANCE:
+        raise RuntimeError(
+            f"merged model scores differ from the adapter model by {difference:.2e} "
+            f"(> {TOLERANCE}); the merge is not saved"
+        )
+    if dtype not in ("auto", "float32"):
+        merged = merged.to(getattr(torch, dtype))
+    info = {
+        "approach": "generative",
+        "labels": labels,
+        "answers": answers,
+        "prompt": prompt.model_dump(mode="json"),
+        "merge_check": {"rows": len(rows), "max_abs_diff": difference},
+    }
+    with building(folder) as tmp:
+        merged.save_pretrained(str(tmp / "merged"))
+        tokenizer.save_pretrained(str(tmp / "merged"))
+        (tmp / "merged" / "loraflow.json").write_text(json.dumps(info, indent=1))
+    return result

