@@ -103,8 +103,9 @@ def _run_suites(
             batch_parameters={"dataframe": frame},
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]},
         )
-        for item, outcome in zip(suites[split], result.results, strict=False):
+        for outcome in result.results:  # GE orders results its own way: read everything off each one
             info = outcome.result or {}
+            severity = getattr(outcome.expectation_config.severity, "value", "critical")
             error = (outcome.exception_info or {}).get("exception_message")
             samples = [
                 {"row": int(r[ROW]), **{k: _plain(v) for k, v in r.items() if k != ROW}}
@@ -116,7 +117,7 @@ def _run_suites(
                     "expectation": outcome.expectation_config.type,
                     "column": outcome.expectation_config.kwargs.get("column"),
                     "success": bool(outcome.success),
-                    "severity": item.get("severity", "critical"),
+                    "severity": str(severity),
                     "unexpected_count": info.get("unexpected_count"),
                     "observed": _plain(info.get("observed_value")),
                     "samples": samples,

@@ -52,38 +52,75 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _left_pad(
+    sequences: list[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def score_labels(
     model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 16
 ) -> np.ndarray:
-    """(rows × labels) sums of the answer tokens' log-probs given each prompt."""
-    items = []  # (row, label, ids, continuation length)
-    for row, messages in enumerate(prompts):
-        sequences, prefixes = encode_choices(tokenizer, messages, answers)
-        for label, (ids, prefix) in enumerate(zip(sequences, prefixes, strict=True)):
-            items.append((row, label, ids, len(ids) - prefix))
-    order = sorted(range(len(items)), key=lambda i: len(items[i][2]))  # similar lengths share a batch
-    scores = np.zeros((len(prompts), len(answers)), dtype=np.float64)
+    """(rows × labels) sums of the answer tokens' log-probs given each prompt.
+
+    The prompt is run once per row; its KV cache is repeated for the labels, and only the answer tokens
+    are run per label. When every answer turn is a single token, the prompt's forward pass is all it takes.
+    """
+    rows = []  # (shared prefix, continuation per label, answer tokens to score per label)
+    for messages in prompts:
+        sequences, starts = encode_choices(tokenizer, messages, answers)
+        cut = min(starts)
+        rows.append(
+            (
+                sequences[0][:cut],
+                [s[cut:] for s in sequences],
+                [len(s) - a for s, a in zip(sequences, starts, strict=True)],
+            )
+        )
+    k = len(answers)
+    scores = np.zeros((len(rows), k), dtype=np.float64)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
     for start in range(0, len(order), batch_size):
-        batch = [items[i] for i in order[start : start + batch_size]]
-        width = max(len(ids) for _, _, ids, _ in batch)
-        keep = max(n for *_, n in batch) + 1
-        # Left padding puts every answer at the end, so only the last `keep` positions need logits.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, _, ids, _ in batch], device=device)
-        mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids, _ in batch], device=device
-        )
+        index = order[start : start + batch_size]
+        ids, mask = _left_pad([rows[i][0] for i in index], pad, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
-        ).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        for b, (row, label, ids, n) in enumerate(batch):
-            targets = torch.tensor(ids[-n:], device=device)
-            steps = torch.arange(keep - n - 1, keep - 1, device=device)
-            scores[row, label] = logprobs[b, steps, targets].sum().item()
+        prompt_out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        continuations = [rows[i][1][j] for i in index for j in range(k)]
+        width = max(len(c) for c in continuations)
+        first = (
+            prompt_out.logits[:, -1:].float().repeat_interleave(k, dim=0)
+        )  # predicts each answer's 1st token
+        targets = torch.tensor([c + [pad] * (width - len(c)) for c in continuations], device=device)
+        if width == 1:
+            logits = first
+        else:
+            cache = prompt_out.cache
+            cache.batch_repeat_interleave(k)
+            extra_mask = torch.tensor(
+                [[1] * len(c) + [0] * (width - len(c)) for c in continuations], device=device
+            )
+            lengths = mask.sum(-1).repeat_interleave(k)[:, None]
+            answer_out = model(
+                input_ids=targets,
+                attention_mask=torch.cat([mask.repeat_interleave(k, dim=0), extra_mask], dim=1),
+                position_ids=lengths + torch.arange(width, device=device)[None, :],
+                cache=cache,
+            )
+            logits = torch.cat([first, answer_out.logits[:, :-1].float()], dim=1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1).cpu().numpy()
+        for position, (i, j) in enumerate((i, j) for i in index for j in range(k)):
+            length, scored = len(rows[i][1][j]), rows[i][2][j]
+            scores[i, j] = logprobs[position, length - scored : length].sum()
+    if not np.isfinite(scores).all():
+        raise RuntimeError("label scores are not finite (NaN/inf): the model's weights or dtype are broken")
     return scores
 
 

@@ -133,8 +133,8 @@ def infer_labels(data: DataSettings, train_labels: pd.Series) -> list[str]:
     if data.labels:
         return [normalize_label(v) for v in data.labels]
     if data.answers:
-        return [normalize_label(v) for v in data.answers]
-    return sorted({v for v in train_labels.dropna()}, key=_sort_key)
+        return sorted({normalize_label(v) for v in data.answers}, key=_sort_key)
+    return sorted(set(train_labels.dropna()), key=_sort_key)
 
 
 def split_stratified(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

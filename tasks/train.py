@@ -60,6 +60,7 @@ def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> S
         seed=train.seed,
         data_seed=train.seed,
         bf16=bf16,
+        gradient_checkpointing=train.gradient_checkpointing,
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=2,
@@ -67,6 +68,7 @@ def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> S
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -101,6 +103,29 @@ def count_truncated(tokenizer: Any, frame: Any, max_length: int) -> int:
     return count
 
 
+def fit_adapter(
+    dataset: Dataset, model_path: str, lora: LoraSettings, train: TrainSettings, dtype: str, checkpoints: Path
+) -> tuple[SFTTrainer, int]:
+    """Train LoRA on prompt/completion rows; resume from the last checkpoint in `checkpoints` if any.
+
+    Returns the trainer (its model is the PEFT model) and the step it resumed from (0 for a fresh start).
+    """
+    tokenizer = load_tokenizer(model_path)
+    set_seed(train.seed)  # LoRA's initial weights come from the global RNG
+    network = load_causal_lm(model_path, dtype)
+    trainer = SFTTrainer(
+        model=network,
+        args=build_training_args(train, checkpoints, bf16=pick_dtype(dtype) == torch.bfloat16),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=build_lora_config(lora),
+        callbacks=training_callbacks(),
+    )
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, int(Path(resume).name.split("-")[-1]) if resume else 0
+
+
 @task(name="train-adapter", cache_policy=CONTENT_CACHE, retries=1, retry_delay_seconds=5)
 def train_adapter(
     prompts: Ref, model: Ref, lora: LoraSettings, train: TrainSettings, dtype: str, store: str
@@ -113,43 +138,29 @@ def train_adapter(
     checkpoints = folder.with_name(f"{folder.name}.checkpoints")
     frame = read_prompts(prompts, "train")
     dataset = Dataset.from_pandas(frame[[PROMPT, COMPLETION]], preserve_index=False)
-
-    tokenizer = load_tokenizer(model.path)
-    set_seed(train.seed)  # LoRA's initial weights come from the global RNG
-    network = load_causal_lm(model.path, dtype)
-    bf16 = pick_dtype(dtype) == torch.bfloat16
-    trainer = SFTTrainer(
-        model=network,
-        args=build_training_args(train, checkpoints, bf16),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=build_lora_config(lora),
-        callbacks=training_callbacks(),
-    )
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    resumed_from = int(Path(resume).name.split("-")[-1]) if resume else 0
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
+    trainer, resumed_from = fit_adapter(dataset, model.path, lora, train, dtype, checkpoints)
     seconds = time.perf_counter() - started
-
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tokens = int(trainer.state.num_input_tokens_seen)
+    tokenizer = trainer.processing_class
+    state = trainer.state
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    tokens = int(state.num_input_tokens_seen)
     stats = {
         "seconds": round(seconds, 3),
-        "steps": int(trainer.state.global_step),
+        "steps": int(state.global_step),
         "resumed_from_step": resumed_from,
         "tokens": tokens,
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 2),
-        "final_loss": float(losses[-1]) if losses else float(output.training_loss),
+        "final_loss": float(losses[-1]) if losses else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "truncated_rows": count_truncated(tokenizer, frame, train.max_length),
-        "device": str(next(network.parameters()).device),
+        "device": str(trainer.args.device),
     }
     with building(folder) as tmp:
         trainer.save_model(str(tmp / "adapter"))
         tokenizer.save_pretrained(str(tmp / "adapter"))
         (tmp / "train.json").write_text(json.dumps(stats, indent=1))
-        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
     return Ref(path=str(folder), digest=key)
 

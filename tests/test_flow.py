@@ -1,0 +1,139 @@
+"""The train-generative flow end to end under Prefect's test harness: run folder, caching, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from uuid import UUID
+
+import pandas as pd
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.generative import train_generative
+from loraflow.cli import main
+from loraflow.config import load_config
+from loraflow.errors import DataError
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.flow
+
+
+def _task_states(flow_run_id: UUID) -> dict[str, list[str]]:
+    """Task name → state names of one flow run."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return states
+
+
+def _run(config_path: Path, **overrides: str) -> tuple[str, dict[str, list[str]]]:
+    config = load_config(config_path, [f"{k}={v}" for k, v in overrides.items()])
+    state = train_generative(config, return_state=True)
+    return state.result(), _task_states(state.state_details.flow_run_id)
+
+
+def test_flow_writes_a_complete_run_folder_and_reruns_from_cache(
+    prefect_server: None, tmp_path: Path, tiny_model: Path
+) -> None:
+    path = write_config(tmp_path / "task", tiny_model)
+    run_dir, first = _run(path)
+    assert all(set(states) == {"Completed"} for states in first.values()), first
+    assert len(first["evaluate"]) == 2  # zero-shot baseline and fine-tuned
+    run = Path(run_dir)
+    assert run.parent == tmp_path / "task" / "runs" / "tiny-geo"
+    for name in (
+        "config.yaml",
+        "data/train.parquet",
+        "data/dev.parquet",
+        "contract.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/tokenizer.json",
+        "merged/loraflow.json",
+        "metrics.json",
+        "predictions.parquet",
+        "report.md",
+        "MANIFEST.json",
+    ):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) >= {
+        "config",
+        "approach",
+        "model",
+        "n_train",
+        "n_dev",
+        "labels",
+        "baseline",
+        "finetuned",
+        "train",
+        "eval",
+    }
+    assert metrics["approach"] == "generative" and metrics["labels"] == ["0", "1"]
+    assert (metrics["n_train"], metrics["n_dev"]) == (48, 16)
+    assert metrics["baseline"]["kind"] == "zero-shot" and metrics["finetuned"]["kind"] == "finetuned"
+    assert sum(map(sum, metrics["finetuned"]["confusion"])) == 16
+    assert set(metrics["train"]) >= {"seconds", "steps", "tokens_per_second", "final_loss", "peak_rss_mb"}
+    assert metrics["train"]["steps"] == 4
+    predictions = pd.read_parquet(run / "predictions.parquet")
+    assert {"requirement", "sample_data", "gold", "predicted", "prob_0", "prob_1"} <= set(predictions.columns)
+    assert (predictions[["prob_0", "prob_1"]].sum(axis=1) - 1).abs().max() < 1e-6
+
+    second_dir, second = _run(path)
+    assert second_dir != run_dir
+    cached = {name: states for name, states in second.items() if name != "write-run-folder"}
+    assert cached and all(set(states) == {"Cached"} for states in cached.values()), second
+    assert json.loads((Path(second_dir) / "metrics.json").read_text())["finetuned"] == metrics["finetuned"]
+
+
+def test_changing_the_template_reruns_only_what_depends_on_it(
+    prefect_server: None, tmp_path: Path, tiny_model: Path
+) -> None:
+    path = write_config(tmp_path / "task", tiny_model)
+    _run(path)
+    _, states = _run(path, **{"prompt.template": "'Place list: {sample_data} / need: {requirement}'"})
+    assert states["ingest"] == ["Cached"] and states["check-contract"] == ["Cached"]
+    assert states["resolve-model"] == ["Cached"]
+    for name in ("format-prompts", "train-adapter", "merge-adapter"):
+        assert states[name] == ["Completed"], (name, states)
+    assert states["evaluate"] == ["Completed", "Completed"]
+
+
+def test_a_failed_contract_stops_the_flow_before_any_model_loads(
+    prefect_server: None, tmp_path: Path, tiny_model: Path
+) -> None:
+    path = write_config(tmp_path / "task", tiny_model, contract={"min_rows_per_class": 1000})
+    config = load_config(path)
+    state = train_generative(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataError, match="rows_per_class_at_least"):
+        state.result()
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["check-contract"] == ["Failed"]
+    assert "resolve-model" not in states and "train-adapter" not in states
+    assert not (tmp_path / "task" / "runs" / "tiny-geo").exists() or not any(
+        p.name[0].isdigit() for p in (tmp_path / "task" / "runs" / "tiny-geo").iterdir()
+    )
+
+
+def test_cli_prints_metrics_and_user_errors_exit_non_zero_without_traceback(
+    prefect_server: None, tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = write_config(tmp_path / "task", tiny_model)
+    assert main(["run", str(path), "--set", "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "| finetuned | finetuned |" in out and "run folder:" in out
+
+    assert main(["run", str(path), "--set", "data.label_column=scor"]) == 2
+    captured = capsys.readouterr()
+    assert "column(s) 'scor' (did you mean 'score'?) not found" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+    assert main(["validate", str(path), "--set", "lora.rank=4"]) == 2
+    assert "lora.rank: unknown key (did you mean 'r'?)" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""Training, merging and label scoring on a tiny random Llama: the contracts, not just "it runs"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+import tasks.train
+from loraflow.config import LoraSettings, PromptSettings, TrainSettings, load_config
+from tasks.evaluate import encode_choices, score_labels
+from tasks.ingest import ingest_table
+from tasks.merge import merge_adapter
+from tasks.models import load_causal_lm, load_tokenizer
+from tasks.prompts import PROMPT, format_prompts, read_prompts
+from tasks.store import Ref
+from tasks.train import fit_adapter, train_adapter
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.flow
+TRAIN = TrainSettings(max_steps=4, batch_size=8, lr=0.01, save_steps=2, logging_steps=2, max_length=128)
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, tiny_model: Path) -> tuple[Ref, Ref, PromptSettings, str]:
+    """Formatted prompts of the tiny geo data, the model ref, the prompt settings and the store."""
+    config = load_config(write_config(tmp_path / "task", tiny_model))
+    store = str(tmp_path / "store")
+    splits = ingest_table.fn(config.data, config.input_columns, store)
+    prompts = format_prompts.fn(splits, config.prompt, config.data.answers, store)
+    return prompts, Ref(path=str(tiny_model), digest="tiny"), config.prompt, store
+
+
+def test_lora_weights_move_and_base_weights_do_not(prepared: tuple, tmp_path: Path, tiny_model: Path) -> None:
+    prompts, model, _, _ = prepared
+    frame = read_prompts(prompts, "train")
+    dataset = Dataset.from_pandas(frame[[PROMPT, "completion"]], preserve_index=False)
+    trainer, resumed = fit_adapter(
+        dataset, model.path, LoraSettings(r=4), TRAIN, "float32", tmp_path / "ckpt"
+    )
+    assert resumed == 0 and trainer.state.global_step == 4
+    base = load_file(tiny_model / "model.safetensors")
+    moved, kept = 0, 0
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: any non-zero entry means training moved it
+            moved += int(param.detach().abs().sum() > 0)
+        elif "lora_" not in name:
+            original = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(param.detach().cpu(), base[original]), f"base weight {original} changed"
+            kept += 1
+    assert moved > 0 and kept == len(base)
+
+
+def test_label_scores_match_an_unbatched_reference(tiny_model: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, "float32")
+    prompts = [[{"role": "user", "content": "x" * n + " Lima?"}] for n in (1, 7, 3, 20, 12)]
+    answers = ["Yes", "No way at all", "maybe"]
+    batched = score_labels(model, tokenizer, prompts, answers, batch_size=2)
+    for row, messages in enumerate(prompts):
+        sequences, starts = encode_choices(tokenizer, messages, answers)
+        for label, (ids, start) in enumerate(zip(sequences, starts, strict=True)):
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            reference = sum(logprobs[t - 1, ids[t]].item() for t in range(start, len(ids)))
+            assert batched[row, label] == pytest.approx(reference, abs=1e-4)
+
+
+def test_merged_model_reloaded_from_disk_scores_like_the_adapter(prepared: tuple) -> None:
+    prompts, model, prompt, store = prepared
+    adapter = train_adapter.fn(prompts, model, LoraSettings(r=4), TRAIN, "float32", store)
+    merged = merge_adapter.fn(adapter, model, prompts, prompt, "float32", store)
+    info = json.loads((Path(merged.path) / "loraflow.json").read_text())
+    assert info["approach"] == "generative" and info["answers"] == ["No", "Yes"]
+    tokenizer = load_tokenizer(merged.path)
+    rows = read_prompts(prompts, "dev")[PROMPT].tolist()
+    reloaded = AutoModelForCausalLM.from_pretrained(merged.path).eval()
+    base = load_causal_lm(model.path, "float32")
+    adapted = PeftModel.from_pretrained(base, str(Path(adapter.path) / "adapter")).eval()
+    plain = score_labels(load_causal_lm(model.path, "float32"), tokenizer, rows, ["No", "Yes"])
+    merged_scores = score_labels(reloaded, tokenizer, rows, ["No", "Yes"])
+    adapter_scores = score_labels(adapted, tokenizer, rows, ["No", "Yes"])
+    np.testing.assert_allclose(merged_scores, adapter_scores, atol=1e-4)
+    assert np.abs(merged_scores - plain).max() > 1e-3  # and the merge did change the model
+
+
+class _CrashAt(TrainerCallback):
+    """Simulates a killed run: fails at the start of a given step, after the previous checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 (transformers' signature)
+        if state.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+def test_interrupted_training_resumes_from_the_last_checkpoint(
+    prepared: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts, model, _, store = prepared
+    real = tasks.train.training_callbacks
+    monkeypatch.setattr(tasks.train, "training_callbacks", lambda: [*real(), _CrashAt(3)])
+    with pytest.raises(RuntimeError, match="simulated crash at step 3"):
+        train_adapter.fn(prompts, model, LoraSettings(r=4), TRAIN, "float32", store)
+    checkpoints = sorted(Path(store).glob("train-*.checkpoints/checkpoint-*"))
+    assert [p.name for p in checkpoints] == ["checkpoint-2"]
+    assert not list(Path(store).glob("train-*[0-9a-f]/MANIFEST.json"))  # nothing looks finished
+
+    monkeypatch.setattr(tasks.train, "training_callbacks", real)
+    adapter = train_adapter.fn(prompts, model, LoraSettings(r=4), TRAIN, "float32", store)
+    stats = json.loads((Path(adapter.path) / "train.json").read_text())
+    assert stats["resumed_from_step"] == 2 and stats["steps"] == 4
+    history = json.loads((Path(adapter.path) / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [2, 4]  # step 2 logged before the crash, 4 after
+    assert not list(Path(store).glob("train-*.checkpoints"))
