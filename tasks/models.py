@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import ModelSettings
 from loraflow.errors import ModelError
@@ -157,9 +158,15 @@ def _download(model: ModelSettings, cache_dir: Path) -> Ref:
     return Ref(path=path, digest=digest_of(model.name, Path(path).name))
 
 
+def _local_model_key(_context: Any, inputs: dict[str, Any]) -> str:
+    """A local folder's content fingerprint, so replacing the weights in place invalidates the cache."""
+    local = Path(inputs["model"].name).expanduser()
+    return _local_digest(local) if local.is_dir() else "not-a-local-folder"
+
+
 @task(
     name="resolve-model",
-    cache_policy=CONTENT_CACHE,
+    cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_local_model_key),
     retries=2,
     retry_delay_seconds=[5, 30],
     retry_condition_fn=retry_unless_user_error,

@@ -17,6 +17,8 @@ os.environ.update(
         "PREFECT_HOME": _HOME,
         "LORAFLOW_CACHE_DIR": str(Path(_HOME) / "cache"),
         "TOKENIZERS_PARALLELISM": "false",
+        # INFO lines logged at interpreter exit would hit pytest's already-closed capture streams.
+        "PREFECT_LOGGING_LEVEL": "WARNING",
     }
 )
 
