@@ -1,7 +1,7 @@
 """python examples/geo/make_data.py [--seed 0] [--out DIR]
 
-Build the embedded geography example data set: ``train.xlsx`` (480 rows) and
-``dev.xlsx`` (192 rows) next to this script unless ``--out`` says otherwise.
+Build the embedded geography example data set: ``train.xlsx`` (400 rows) and
+``dev.xlsx`` (160 rows) next to this script unless ``--out`` says otherwise.
 
 Each row pairs a requirement (e.g. "in a desert") with a comma-separated list of
 2-6 real places; ``score`` is 1 when at least one listed place satisfies it.
@@ -21,8 +21,8 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 
-TRAIN_ROWS = 480
-DEV_ROWS = 192
+TRAIN_ROWS = 400
+DEV_ROWS = 160
 MIN_PLACES, MAX_PLACES = 2, 6
 # Two matching places are allowed now and then, but mostly one, so a positive row tests
 # recognising the single place that fits rather than spotting an obvious majority.
@@ -53,6 +53,39 @@ REQUIREMENTS: dict[str, str] = {
     "on a major river": "river",
     "in Europe": "europe",
 }
+# The example asks five requirements about twenty well-known places. Measured on 2 CPU cores, SmolLM2-135M
+# learns nothing transferable in the ~10 training minutes the demo allows when the rows spread over 84
+# places and 8 requirements (each fact then recurs too rarely); with these, each (requirement, place)
+# fact recurs about 16 times per epoch. The full table stays for larger variants.
+EXAMPLE_REQUIREMENTS = (
+    "on the seashore",
+    "in the mountains",
+    "in a desert",
+    "population over 1 million",
+    "a national capital",
+)
+EXAMPLE_PLACES = (
+    "Barcelona",
+    "Tokyo",
+    "Sydney",
+    "Reykjavik",
+    "Venice",
+    "Havana",
+    "Dubai",
+    "Zermatt",
+    "Aspen",
+    "Thimphu",
+    "Cusco",
+    "Bogotá",
+    "Cairo",
+    "Riyadh",
+    "Las Vegas",
+    "Alice Springs",
+    "Chicago",
+    "Paris",
+    "Canberra",
+    "Basel",
+)
 
 T, F = True, False
 
@@ -187,11 +220,11 @@ def make_split(rng: random.Random, n_rows: int, places: list[Place], taken: set[
 
     `taken` is updated in place so a later split can be kept disjoint from this one.
     """
-    per_cell, remainder = divmod(n_rows, 2 * len(REQUIREMENTS))
+    per_cell, remainder = divmod(n_rows, 2 * len(EXAMPLE_REQUIREMENTS))
     if remainder:
         raise ValueError(f"{n_rows} rows cannot be split evenly over requirements and labels")
     rows: list[tuple[str, str, int]] = []
-    for requirement in REQUIREMENTS:
+    for requirement in EXAMPLE_REQUIREMENTS:
         for score in (1, 0):
             for _ in range(per_cell):
                 for _ in range(MAX_TRIES):
@@ -236,7 +269,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
-    places = list(PLACES)
+    places = [p for p in PLACES if p.name in EXAMPLE_PLACES]
     taken: set[Key] = set()
     train = make_split(rng, TRAIN_ROWS, places, taken)
 
