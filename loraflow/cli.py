@@ -10,12 +10,17 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraflow.config import LoraflowConfig, load_config
 from loraflow.errors import UserError
+
+if TYPE_CHECKING:  # prefect is imported after ENV_DEFAULTS are applied
+    from prefect import Flow
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "geo" / "config.yaml"
 # Quiet, offline-friendly defaults; the user's environment wins.
@@ -56,7 +61,7 @@ def _print_metrics(run_dir: str) -> None:
     print(f"\nrun folder: {run_dir}")
 
 
-def _flow_for(config: LoraflowConfig):  # noqa: ANN202 (returns a Prefect Flow)
+def _flow_for(config: LoraflowConfig) -> Flow:
     if config.approach == "generative":
         from flows.generative import train_generative
 
@@ -66,13 +71,9 @@ def _flow_for(config: LoraflowConfig):  # noqa: ANN202 (returns a Prefect Flow)
 
 def _run(config: LoraflowConfig, refresh: bool) -> int:
     flow = _flow_for(config)
-    if refresh:
-        from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
-
-        with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
-            run_dir = flow(config)
-    else:
-        run_dir = flow(config)
+    if refresh:  # a new work store has a new identity, which every task's cache key includes
+        shutil.rmtree(Path(config.output_dir) / config.name / "work", ignore_errors=True)
+    run_dir = flow(config)
     _print_metrics(run_dir)
     return 0
 
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.max_steps=20 (repeatable)",
     )
-    run.add_argument("--refresh", action="store_true", help="ignore cached task results and recompute")
+    run.add_argument(
+        "--refresh", action="store_true", help="recompute every step (clears <output_dir>/<name>/work first)"
+    )
     validate = commands.add_parser("validate", help="ingest and check the data contract only")
     validate.add_argument("config")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -37,12 +37,28 @@ class Ref(BaseModel):
     digest: str
 
 
-def _code_version(_context: Any, _inputs: dict[str, Any]) -> str:
-    return f"loraflow-code-{CODE_VERSION}"
+STORE_ID = ".store-id"
+
+
+def store_identity(folder: str | Path) -> str:
+    """A random id written once per store folder: a deleted and recreated store gets a new one."""
+    path = Path(folder) / STORE_ID
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{STORE_ID}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(uuid.uuid4().hex)
+        os.replace(tmp, path)
+    return path.read_text()
+
+
+def _code_and_store(_context: Any, inputs: dict[str, Any]) -> str:
+    # Cached results are paths into the store; when the store is deleted, its new id invalidates them.
+    stores = [store_identity(inputs[name]) for name in ("store", "cache_dir") if name in inputs]
+    return f"loraflow-code-{CODE_VERSION}-" + "-".join(stores)
 
 
 # Inputs carry content digests (Ref), so INPUTS + the task's source + a code version is a content key.
-CONTENT_CACHE = INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_code_version)
+CONTENT_CACHE = INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_code_and_store)
 
 
 def retry_unless_user_error(_task: Any, _task_run: Any, state: Any) -> bool:

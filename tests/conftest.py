@@ -19,6 +19,7 @@ os.environ.update(
         "TOKENIZERS_PARALLELISM": "false",
         # INFO lines logged at interpreter exit would hit pytest's already-closed capture streams.
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }
 )
 

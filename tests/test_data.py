@@ -87,7 +87,7 @@ def test_stratified_split_is_seeded_and_keeps_class_shares() -> None:
     assert set(train["x"]).isdisjoint(dev["x"])
 
 
-def test_contract_reports_every_violation_at_once_with_rows(tmp_path: Path) -> None:
+def test_contract_reports_every_violation_at_once_with_rows(tmp_path: Path, prefect_server: None) -> None:
     frame = geo_rows(20)
     frame.loc[2, "requirement"] = "   "
     frame.loc[5, "sample_data"] = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from uuid import UUID
 
@@ -90,6 +91,13 @@ def test_flow_writes_a_complete_run_folder_and_reruns_from_cache(
     cached = {name: states for name, states in second.items() if name != "write-run-folder"}
     assert cached and all(set(states) == {"Cached"} for states in cached.values()), second
     assert json.loads((Path(second_dir) / "metrics.json").read_text())["finetuned"] == metrics["finetuned"]
+
+    shutil.rmtree(tmp_path / "task" / "runs" / "tiny-geo" / "work")  # cache records now point at nothing
+    third_dir, third = _run(path)
+    assert (
+        third["train-adapter"] == ["Completed"]
+        and (Path(third_dir) / "merged" / "model.safetensors").is_file()
+    )
 
 
 def test_changing_the_template_reruns_only_what_depends_on_it(
