@@ -40,12 +40,30 @@ class _NoUserErrorTraceback(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info = None
             record.exc_text = None
+        message = record.getMessage()
+        marker = "\nTraceback (most recent call last)"
+        # Prefect's flow engine writes the formatted traceback into the message text itself.
+        if marker in message and any(f"{cls.__name__}(" in message for cls in _user_error_types()):
+            record.msg, record.args = message.split(marker, 1)[0], ()
         return True
+
+
+def _user_error_types() -> list[type[UserError]]:
+    found, pending = [], [UserError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
 
 
 def _quiet_user_error_tracebacks() -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
+    # Run loggers get their handlers when a run starts, so the filter sits on the loggers themselves:
+    # a user error's message is the whole story, in the terminal and in the Prefect UI alike.
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoUserErrorTraceback())
     for logger in [logging.getLogger(), *[logging.getLogger(n) for n in logging.root.manager.loggerDict]]:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, PrefectConsoleHandler | logging.StreamHandler):
