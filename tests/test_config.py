@@ -127,3 +127,12 @@ def test_the_readme_config_is_complete_and_valid() -> None:
         fields = type(getattr(config, section)).model_fields
         missing = [f for f in fields if (section, f) not in documented]
         assert not missing, f"README config lacks {section}.{missing}"
+
+
+def test_prefect_yaml_deployment_parameters_are_valid_configs() -> None:
+    deployments = __import__("yaml").safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    assert deployments
+    for deployment in deployments:
+        assert deployment["entrypoint"] == "flows/generative.py:train_generative"
+        config = LoraflowConfig.model_validate(deployment["parameters"]["config"])
+        assert (REPO / config.data.train).is_file() and (REPO / config.contract.extra_suite).is_file()
