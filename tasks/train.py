@@ -143,7 +143,10 @@ def train_adapter(
     seconds = time.perf_counter() - started
     tokenizer = trainer.processing_class
     state = trainer.state
-    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    # The last logged step loss; when no logging step was reached, the run's mean loss logged at the end.
+    losses = [e["loss"] for e in state.log_history if "loss" in e] or [
+        e["train_loss"] for e in state.log_history if "train_loss" in e
+    ]
     tokens = int(state.num_input_tokens_seen)
     stats = {
         "seconds": round(seconds, 3),
@@ -151,7 +154,7 @@ def train_adapter(
         "resumed_from_step": resumed_from,
         "tokens": tokens,
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 2),
-        "final_loss": float(losses[-1]) if losses else None,
+        "final_loss": float(losses[-1]),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "truncated_rows": count_truncated(tokenizer, frame, train.max_length),
         "device": str(trainer.args.device),
