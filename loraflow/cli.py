@@ -80,11 +80,13 @@ def _print_metrics(run_dir: str) -> None:
 
 
 def _flow_for(config: LoraflowConfig) -> Flow:
-    if config.approach == "generative":
-        from flows.generative import train_generative
+    if config.approach == "classifier":
+        from flows.classifier import train_classifier
 
-        return train_generative
-    raise UserError(f"approach '{config.approach}' is not available yet; use approach: generative")
+        return train_classifier
+    from flows.generative import train_generative
+
+    return train_generative
 
 
 def _run(config: LoraflowConfig, refresh: bool) -> int:

@@ -77,8 +77,10 @@ class DataSettings(_Settings):
         description="Input columns; empty = the template's placeholders (generative approach).",
     )
     label_column: str = Field(description="Column holding each row's label; the file is never rewritten.")
-    labels: list[LabelKey] | None = Field(
-        None, description="Allowed labels in order; empty = inferred from the training split, sorted."
+    labels: list[LabelKey] | dict[LabelKey, int] | None = Field(
+        None,
+        description="Allowed labels in order (ids 0, 1, ...), or a label2id mapping such as "
+        "{negative: 0, positive: 1}; empty = inferred from the training split, sorted.",
     )
     answers: dict[LabelKey, str] = Field(
         default_factory=dict,
@@ -88,6 +90,21 @@ class DataSettings(_Settings):
         0.2, gt=0, lt=1, description="Share of train held out when no dev file is given."
     )
     split_seed: int = Field(0, description="Seed of the train/dev split.")
+
+    @field_validator("labels")
+    @classmethod
+    def _label_ids(cls, labels: list[LabelKey] | dict[LabelKey, int] | None) -> Any:
+        if labels is None:
+            return None
+        names = [normalize_label(k) for k in labels]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"label(s) {', '.join(duplicates)} listed twice (1, 1.0 and '1' are one label)")
+        if isinstance(labels, dict) and sorted(labels.values()) != list(range(len(labels))):
+            raise ValueError(
+                f"label ids must be 0..{len(labels) - 1}, each used once (got {list(labels.values())})"
+            )
+        return labels
 
     @field_validator("answers")
     @classmethod
@@ -108,6 +125,30 @@ class PromptSettings(_Settings):
     template: str = Field(
         description="User message with {column} placeholders; cell values are inserted literally."
     )
+
+
+class ClassifierSettings(_Settings):
+    """Inputs and loss of the classifier approach (a new classification head)."""
+
+    template: str | None = Field(
+        None,
+        description='Join template for the input text, e.g. "{title}\\n\\n{body}"; empty = one text '
+        "column as is, two as a tokenizer pair (text, text_pair), more joined by blank lines.",
+    )
+    class_weights: Literal["none", "balanced"] | dict[LabelKey, float] = Field(
+        "none",
+        description="Cross-entropy class weights: none, balanced (n / (classes × class rows)), "
+        "or {label: weight} (unlisted labels weigh 1).",
+    )
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, weights: Any) -> Any:
+        if isinstance(weights, dict):
+            bad = [f"{k}: {v}" for k, v in weights.items() if not v > 0]
+            if bad:
+                raise ValueError(f"class weights must be > 0 (got {', '.join(bad)})")
+        return weights
 
 
 class ModelSettings(_Settings):
@@ -186,6 +227,7 @@ class LoraflowConfig(_Settings):
     )
     data: DataSettings
     prompt: PromptSettings | None = Field(None, description="Required for the generative approach.")
+    classifier: ClassifierSettings = ClassifierSettings()
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
@@ -201,23 +243,35 @@ class LoraflowConfig(_Settings):
         return name
 
     @model_validator(mode="after")
-    def _prompt_matches_columns(self) -> LoraflowConfig:
-        if self.approach != "generative":
-            return self
-        if self.prompt is None:
-            raise ValueError("the generative approach needs a `prompt` section with a `template`")
-        fields = template_fields(self.prompt.template)
+    def _inputs_match_columns(self) -> LoraflowConfig:
+        if self.approach == "generative":
+            if self.prompt is None:
+                raise ValueError("the generative approach needs a `prompt` section with a `template`")
+            where, template = "prompt.template", self.prompt.template
+        else:
+            if self.prompt is not None:
+                raise ValueError(
+                    "`prompt` is used by the generative approach only; remove it, or join the classifier's "
+                    "input columns with classifier.template"
+                )
+            if self.classifier.template is None and not self.data.text_columns:
+                raise ValueError(
+                    "the classifier approach needs data.text_columns (one column, or two for a sentence "
+                    "pair) or a classifier.template such as '{title}\\n\\n{body}'"
+                )
+            where, template = "classifier.template", self.classifier.template or ""
+        fields = template_fields(template)
         if self.data.text_columns:
             unknown = [f for f in fields if f not in self.data.text_columns]
             if unknown:
                 hints = [did_you_mean(f, self.data.text_columns) for f in unknown]
                 raise ValueError(
-                    "prompt.template placeholder(s) "
+                    f"{where} placeholder(s) "
                     + ", ".join(f"{{{f}}}{h}" for f, h in zip(unknown, hints, strict=True))
                     + f" not in data.text_columns {self.data.text_columns}"
                 )
         elif not fields:
-            raise ValueError("prompt.template has no {column} placeholder and data.text_columns is empty")
+            raise ValueError(f"{where} has no {{column}} placeholder and data.text_columns is empty")
         return self
 
     @property
@@ -226,7 +280,8 @@ class LoraflowConfig(_Settings):
         reordering the template does not change what ingest reads)."""
         if self.data.text_columns:
             return list(self.data.text_columns)
-        return sorted(template_fields(self.prompt.template)) if self.prompt else []
+        template = self.prompt.template if self.prompt else self.classifier.template
+        return sorted(template_fields(template)) if template else []
 
 
 # Names users bring from Hugging Face TrainingArguments, peft and the seed notebooks.

@@ -176,9 +176,22 @@ def evaluate_model(
     started = time.perf_counter()
     scores = score_labels(network, tokenizer, dev[PROMPT].tolist(), answers, settings.batch_size)
     seconds = time.perf_counter() - started
-    probabilities = softmax(scores)
-    predicted = [labels[i] for i in scores.argmax(axis=1)]
-    predictions = dev.drop(columns=[PROMPT, COMPLETION]).rename(columns={LABEL: "gold"})
+    save_evaluation(folder, dev.drop(columns=[PROMPT, COMPLETION]), labels, softmax(scores), kind, seconds)
+    return Ref(path=str(folder), digest=key)
+
+
+def save_evaluation(
+    folder: Path,
+    dev: pd.DataFrame,
+    labels: list[str],
+    probabilities: np.ndarray,
+    kind: str,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write predictions.parquet (dev rows + gold, predicted, prob_<label>) and metrics.json to `folder`."""
+    predicted = [labels[i] for i in probabilities.argmax(axis=1)]
+    predictions = dev.rename(columns={LABEL: "gold"})
     predictions["predicted"] = predicted
     for i, label in enumerate(labels):
         predictions[f"prob_{label}"] = probabilities[:, i]
@@ -186,11 +199,11 @@ def evaluate_model(
     metrics["eval"] = {
         "seconds": round(seconds, 3),
         "rows_per_second": round(len(dev) / max(seconds, 1e-9), 3),
+        **(extra or {}),
     }
     with building(folder) as tmp:
         predictions.to_parquet(tmp / "predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return Ref(path=str(folder), digest=key)
 
 
 def read_evaluation(ref: Ref) -> tuple[dict[str, Any], pd.DataFrame]:

@@ -129,7 +129,10 @@ def _sort_key(label: str) -> tuple[int, float, str]:
 
 
 def infer_labels(data: DataSettings, train_labels: pd.Series) -> list[str]:
-    """Allowed labels: the explicit list, else the answer map's keys, else the train labels sorted."""
+    """Allowed labels in id order: the explicit list or label2id, else the answer map's keys, else the
+    train labels sorted (numbers numerically, then text)."""
+    if isinstance(data.labels, dict):
+        return [normalize_label(k) for k, _ in sorted(data.labels.items(), key=lambda item: item[1])]
     if data.labels:
         return [normalize_label(v) for v in data.labels]
     if data.answers:

@@ -19,7 +19,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
-from transformers import TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -42,33 +42,38 @@ def build_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraC
     )
 
 
+def trainer_arguments(train: TrainSettings, output_dir: Path, bf16: bool) -> dict[str, Any]:
+    """TrainingArguments shared by both approaches: schedule, dynamic padding, checkpoints for resume."""
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "per_device_train_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "learning_rate": train.lr,
+        "lr_scheduler_type": train.scheduler,
+        "warmup_steps": train.warmup_ratio,  # a float in [0, 1) is a share of the total steps
+        "max_grad_norm": train.max_grad_norm,
+        "weight_decay": train.weight_decay,
+        "seed": train.seed,
+        "data_seed": train.seed,
+        "bf16": bf16,
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "save_strategy": "steps",
+        "save_steps": train.save_steps,
+        "save_total_limit": 2,
+        "logging_steps": train.logging_steps,
+        "include_num_input_tokens_seen": "non_padding",
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+
+
 def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> SFTConfig:
-    """SFTConfig from the train settings: answer-only loss, dynamic padding, checkpoints for resume."""
+    """SFTConfig from the train settings: answer-only loss on prompt/completion rows."""
     return SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        learning_rate=train.lr,
-        lr_scheduler_type=train.scheduler,
-        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a share of the total steps
-        max_grad_norm=train.max_grad_norm,
-        weight_decay=train.weight_decay,
-        max_length=train.max_length,
-        completion_only_loss=True,
-        seed=train.seed,
-        data_seed=train.seed,
-        bf16=bf16,
-        gradient_checkpointing=train.gradient_checkpointing,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=2,
-        logging_steps=train.logging_steps,
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **trainer_arguments(train, output_dir, bf16), max_length=train.max_length, completion_only_loss=True
     )
 
 
@@ -121,9 +126,43 @@ def fit_adapter(
         peft_config=build_lora_config(lora),
         callbacks=training_callbacks(),
     )
+    return trainer, train_resuming(trainer, checkpoints)
+
+
+def train_resuming(trainer: Trainer, checkpoints: Path) -> int:
+    """`trainer.train`, resumed from the last checkpoint in `checkpoints`; returns its step (0 = fresh)."""
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     trainer.train(resume_from_checkpoint=resume)
-    return trainer, int(Path(resume).name.split("-")[-1]) if resume else 0
+    return int(Path(resume).name.split("-")[-1]) if resume else 0
+
+
+def save_trained(
+    folder: Path, trainer: Trainer, seconds: float, resumed_from: int, truncated_rows: int, checkpoints: Path
+) -> None:
+    """Write the adapter, tokenizer, train.json and log_history.json into `folder`; drop the checkpoints."""
+    state = trainer.state
+    # The last logged step loss; when no logging step was reached, the run's mean loss logged at the end.
+    losses = [e["loss"] for e in state.log_history if "loss" in e] or [
+        e["train_loss"] for e in state.log_history if "train_loss" in e
+    ]
+    tokens = int(state.num_input_tokens_seen)
+    stats = {
+        "seconds": round(seconds, 3),
+        "steps": int(state.global_step),
+        "resumed_from_step": resumed_from,
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 2),
+        "final_loss": float(losses[-1]),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "truncated_rows": truncated_rows,
+        "device": str(trainer.args.device),
+    }
+    with building(folder) as tmp:
+        trainer.save_model(str(tmp / "adapter"))
+        trainer.processing_class.save_pretrained(str(tmp / "adapter"))
+        (tmp / "train.json").write_text(json.dumps(stats, indent=1))
+        (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
 
 
 @task(name="train-adapter", cache_policy=CONTENT_CACHE, retries=1, retry_delay_seconds=5)
@@ -141,30 +180,8 @@ def train_adapter(
     started = time.perf_counter()
     trainer, resumed_from = fit_adapter(dataset, model.path, lora, train, dtype, checkpoints)
     seconds = time.perf_counter() - started
-    tokenizer = trainer.processing_class
-    state = trainer.state
-    # The last logged step loss; when no logging step was reached, the run's mean loss logged at the end.
-    losses = [e["loss"] for e in state.log_history if "loss" in e] or [
-        e["train_loss"] for e in state.log_history if "train_loss" in e
-    ]
-    tokens = int(state.num_input_tokens_seen)
-    stats = {
-        "seconds": round(seconds, 3),
-        "steps": int(state.global_step),
-        "resumed_from_step": resumed_from,
-        "tokens": tokens,
-        "tokens_per_second": round(tokens / max(seconds, 1e-9), 2),
-        "final_loss": float(losses[-1]),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "truncated_rows": count_truncated(tokenizer, frame, train.max_length),
-        "device": str(trainer.args.device),
-    }
-    with building(folder) as tmp:
-        trainer.save_model(str(tmp / "adapter"))
-        tokenizer.save_pretrained(str(tmp / "adapter"))
-        (tmp / "train.json").write_text(json.dumps(stats, indent=1))
-        (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
-    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
+    truncated = count_truncated(trainer.processing_class, frame, train.max_length)
+    save_trained(folder, trainer, seconds, resumed_from, truncated, checkpoints)
     return Ref(path=str(folder), digest=key)
 
 

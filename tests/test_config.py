@@ -115,15 +115,26 @@ def test_labels_from_any_spreadsheet_normalise_to_one_text(value: object, expect
     assert normalize_label(value) == expected
 
 
-def test_the_readme_config_is_complete_and_valid() -> None:
+@pytest.mark.parametrize(
+    ("heading", "sections"),
+    [
+        ("## Your own spreadsheet", ("data", "prompt", "model", "lora", "train", "eval", "contract")),
+        (
+            "## A classification head instead",
+            ("data", "classifier", "model", "lora", "train", "eval", "contract"),
+        ),
+    ],
+    ids=["generative", "classifier"],
+)
+def test_the_readme_configs_are_complete_and_valid(heading: str, sections: tuple[str, ...]) -> None:
     text = (REPO / "README.md").read_text()
-    block = text.split("## Your own spreadsheet", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    block = text.split(heading, 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     raw = __import__("yaml").safe_load(block)
     config = LoraflowConfig.model_validate(raw)
     documented = {
         (section, key) for section, values in raw.items() if isinstance(values, dict) for key in values
     }
-    for section in ("data", "prompt", "model", "lora", "train", "eval", "contract"):
+    for section in sections:
         fields = type(getattr(config, section)).model_fields
         missing = [f for f in fields if (section, f) not in documented]
         assert not missing, f"README config lacks {section}.{missing}"
@@ -133,6 +144,17 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs() -> None:
     deployments = __import__("yaml").safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     assert deployments
     for deployment in deployments:
-        assert deployment["entrypoint"] == "flows/generative.py:train_generative"
         config = LoraflowConfig.model_validate(deployment["parameters"]["config"])
-        assert (REPO / config.data.train).is_file() and (REPO / config.contract.extra_suite).is_file()
+        assert (
+            deployment["entrypoint"]
+            == {
+                "generative": "flows/generative.py:train_generative",
+                "classifier": "flows/classifier.py:train_classifier",
+            }[config.approach]
+        )
+        assert (REPO / config.data.train).is_file() and (REPO / config.data.dev).is_file()
+        assert config.contract.extra_suite is None or (REPO / config.contract.extra_suite).is_file()
+    assert {d["entrypoint"] for d in deployments} >= {
+        "flows/generative.py:train_generative",
+        "flows/classifier.py:train_classifier",
+    }

@@ -74,3 +74,31 @@ def geo_rows(n: int, seed: int = 0) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT encoder (hidden size 32) with a WordPiece tokenizer, saved as a standard HF folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted(
+        {w for line in CORPUS for w in line.lower().replace(".", " . ").replace(",", " , ").split()}
+    )
+    letters = sorted({c for line in CORPUS for c in line.lower() if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *(f"##{c}" for c in letters)]
+    vocab += [c for c in letters if c not in vocab]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    return folder
