@@ -27,6 +27,7 @@ from loraflow.config import ClassifierSettings, EvalSettings, LoraSettings, Trai
 from loraflow.errors import ConfigError
 from tasks.evaluate import save_evaluation, softmax
 from tasks.ingest import LABEL, read_meta, read_split
+from tasks.merge import CHECK_ROWS, merge_checked, save_merged
 from tasks.models import load_tokenizer, pick_dtype
 from tasks.prompts import render
 from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
@@ -34,8 +35,6 @@ from tasks.train import build_lora_config, save_trained, train_resuming, trainer
 
 TEXT, TEXT_PAIR, LABEL_ID = "text", "text_pair", "label_id"
 LABEL_MAP = "labels.json"
-CHECK_ROWS = 8
-TOLERANCE = 1e-3  # absolute, on logits in float32
 
 
 # Labels and inputs ----------------------------------------------------------------------------------------
@@ -282,17 +281,7 @@ def merge_classifier(adapter: Ref, model: Ref, encoded: Ref, max_length: int, dt
     tokenizer = classifier_tokenizer(model.path)
     base = load_classifier(model.path, label_map["labels"], tokenizer, "float32")
     adapted = PeftModel.from_pretrained(base, str(Path(adapter.path) / "adapter")).eval()
-    before = predict_logits(adapted, tokenizer, rows, max_length)
-    merged = adapted.merge_and_unload().eval()
-    after = predict_logits(merged, tokenizer, rows, max_length)
-    difference = float(np.max(np.abs(before - after))) if len(rows) else 0.0
-    if difference > TOLERANCE:
-        raise RuntimeError(
-            f"merged model logits differ from the adapter model's by {difference:.2e} "
-            f"(> {TOLERANCE}); the merge is not saved"
-        )
-    if dtype not in ("auto", "float32"):
-        merged = merged.to(getattr(torch, dtype))
+    merged, difference = merge_checked(adapted, lambda m: predict_logits(m, tokenizer, rows, max_length))
     info = {
         "approach": "classifier",
         "labels": label_map["labels"],
@@ -302,10 +291,7 @@ def merge_classifier(adapter: Ref, model: Ref, encoded: Ref, max_length: int, dt
         "max_length": max_length,
         "merge_check": {"rows": len(rows), "max_abs_diff": difference},
     }
-    with building(folder) as tmp:
-        merged.save_pretrained(str(tmp / "merged"))
-        tokenizer.save_pretrained(str(tmp / "merged"))
-        (tmp / "merged" / "loraflow.json").write_text(json.dumps(info, indent=1))
+    save_merged(folder, merged, tokenizer, dtype, info)
     return result
 
 

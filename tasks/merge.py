@@ -7,7 +7,9 @@ accepted only when both give the same label scores within float tolerance.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from tasks.prompts import PROMPT, read_answers, read_prompts
 from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
 
 CHECK_ROWS = 4
-TOLERANCE = 1e-3  # absolute, on summed log-probs in float32
+TOLERANCE = 1e-3  # absolute, on summed log-probs or logits in float32
 
 
 @task(name="merge-adapter", cache_policy=CONTENT_CACHE)
@@ -39,17 +41,7 @@ def merge_adapter(
     tokenizer = load_tokenizer(model.path)
     base = load_causal_lm(model.path, "float32")  # merge in full precision, cast on save if asked
     adapted = PeftModel.from_pretrained(base, str(Path(adapter.path) / "adapter")).eval()
-    before = score_labels(adapted, tokenizer, rows, answers)
-    merged = adapted.merge_and_unload().eval()
-    after = score_labels(merged, tokenizer, rows, answers)
-    difference = float(np.max(np.abs(before - after))) if rows else 0.0
-    if difference > TOLERANCE:
-        raise RuntimeError(
-            f"merged model scores differ from the adapter model by {difference:.2e} "
-            f"(> {TOLERANCE}); the merge is not saved"
-        )
-    if dtype not in ("auto", "float32"):
-        merged = merged.to(getattr(torch, dtype))
+    merged, difference = merge_checked(adapted, lambda m: score_labels(m, tokenizer, rows, answers))
     info = {
         "approach": "generative",
         "labels": labels,
@@ -57,8 +49,30 @@ def merge_adapter(
         "prompt": prompt.model_dump(mode="json"),
         "merge_check": {"rows": len(rows), "max_abs_diff": difference},
     }
+    save_merged(folder, merged, tokenizer, dtype, info)
+    return result
+
+
+def merge_checked(adapted: PeftModel, outputs: Callable[[Any], np.ndarray]) -> tuple[Any, float]:
+    """Fold the adapter into the base weights; `outputs(model)` (scores or logits on a few dev rows) must
+    agree before and after within TOLERANCE, else nothing is saved. Returns (merged model, max difference)."""
+    before = outputs(adapted)
+    merged = adapted.merge_and_unload().eval()
+    after = outputs(merged)
+    difference = float(np.max(np.abs(before - after))) if before.size else 0.0
+    if difference > TOLERANCE:
+        raise RuntimeError(
+            f"the merged model's outputs differ from the adapter model's by {difference:.2e} "
+            f"(> {TOLERANCE}); the merge is not saved"
+        )
+    return merged, difference
+
+
+def save_merged(folder: Path, merged: Any, tokenizer: Any, dtype: str, info: dict[str, Any]) -> None:
+    """Write `folder/merged/` (safetensors in the configured dtype, tokenizer, loraflow.json) atomically."""
+    if dtype not in ("auto", "float32"):
+        merged = merged.to(getattr(torch, dtype))
     with building(folder) as tmp:
         merged.save_pretrained(str(tmp / "merged"))
         tokenizer.save_pretrained(str(tmp / "merged"))
         (tmp / "merged" / "loraflow.json").write_text(json.dumps(info, indent=1))
-    return result

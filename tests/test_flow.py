@@ -45,7 +45,9 @@ def test_flow_writes_a_complete_run_folder_and_reruns_from_cache(
 ) -> None:
     path = write_config(tmp_path / "task", tiny_model)
     run_dir, first = _run(path)
-    assert all(set(states) == {"Completed"} for states in first.values()), first
+    # Model resolution is shared by every config on the machine: an earlier test may have cached it.
+    fresh = {name: states for name, states in first.items() if name != "resolve-model"}
+    assert all(set(states) == {"Completed"} for states in fresh.values()), first
     assert len(first["evaluate"]) == 2  # zero-shot baseline and fine-tuned
     run = Path(run_dir)
     assert run.parent == tmp_path / "task" / "runs" / "tiny-geo"
