@@ -90,14 +90,19 @@ def configs(folder: Path, epochs: float) -> dict[str, dict]:
     return {"classifier": classifier, "generative": generative}
 
 
-def run_loraflow(config_path: Path) -> tuple[dict, float]:
-    """`loraflow run CONFIG` in a fresh process; (metrics.json of the new run, wall seconds)."""
+def run_loraflow(config_path: Path) -> tuple[Path, float]:
+    """`loraflow run CONFIG` in a fresh process; (the new run folder, wall seconds)."""
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(config_path)], cwd=REPO, check=True)
     seconds = time.perf_counter() - started
     name = yaml.safe_load(config_path.read_text())["name"]
-    runs = sorted((config_path.parent / "runs" / name).glob("2*"))
-    return json.loads((runs[-1] / "metrics.json").read_text()), seconds
+    return sorted((config_path.parent / "runs" / name).glob("2*"))[-1], seconds
+
+
+def agreement(a: Path, b: Path) -> float:
+    """Share of dev rows on which two runs predict the same label."""
+    first, second = (pd.read_parquet(run / "predictions.parquet")["predicted"] for run in (a, b))
+    return float((first.to_numpy() == second.to_numpy()).mean())
 
 
 def tfidf_baseline(train: pd.DataFrame, dev: pd.DataFrame) -> tuple[float, float]:
@@ -132,11 +137,12 @@ def main() -> None:
     shares = train["label"].value_counts().to_dict()
     print(f"split: {len(train)} train / {len(dev)} dev rows, train labels {shares}")
 
-    results = {}
+    results, run_dirs = {}, {}
     for approach, config in configs(folder, args.epochs).items():
         path = folder / f"{approach}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        metrics, seconds = run_loraflow(path)
+        run_dirs[approach], seconds = run_loraflow(path)
+        metrics = json.loads((run_dirs[approach] / "metrics.json").read_text())
         results[approach] = {
             "macro_f1": metrics["finetuned"]["macro_f1"],
             "accuracy": metrics["finetuned"]["accuracy"],
@@ -154,6 +160,8 @@ def main() -> None:
         "split": {"train": len(train), "dev": len(dev), "seed": args.seed},
         "epochs": args.epochs,
         "results": results,
+        # Two different models can land on the same score: how often their predictions agree.
+        "classifier_generative_agreement": agreement(run_dirs["classifier"], run_dirs["generative"]),
     }
     (folder / "results.json").write_text(json.dumps(record, indent=1))
     print("\n| method | dev macro-F1 | wall time (s) |\n|---|---|---|")

@@ -8,33 +8,23 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.fit import fit_anywhere, work_store
 from loraflow.config import LoraflowConfig
-from tasks.classify import (
-    evaluate_classifier,
-    majority_baseline,
-    map_labels,
-    merge_classifier,
-    train_classifier_head,
-)
+from tasks.classify import map_labels
 from tasks.contracts import check_contract
 from tasks.ingest import ingest_table
-from tasks.models import default_cache_dir, resolve_model
 from tasks.report import write_run_folder
 
 
 @flow(name="train-classifier")
 def train_classifier(config: LoraflowConfig) -> str:
-    """Ingest → contract → label map → model → LoRA + head → merge → evaluate (vs majority) → run folder."""
-    store = str(config.output_dir / config.name / "work")
-    columns, dtype, max_length = config.input_columns, config.model.dtype, config.train.max_length
-    splits = ingest_table(config.data, columns, store)
-    contract = check_contract(splits, columns, config.contract, store)
-    encoded = map_labels(splits, columns, config.classifier, store)
-    model = resolve_model(config.model, default_cache_dir())
-    adapter = train_classifier_head(
-        encoded, model, config.lora, config.train, config.classifier, dtype, store
-    )
-    merged = merge_classifier(adapter, model, encoded, max_length, dtype, store)
-    baseline = majority_baseline(encoded, store) if config.eval.baseline else None
-    finetuned = evaluate_classifier(merged, encoded, config.eval, max_length, dtype, store)
-    return write_run_folder(config, splits, contract, adapter, merged, baseline, finetuned)
+    """Ingest → contract → label map → [model → LoRA + head → merge → evaluate vs majority] → run folder.
+
+    The bracketed steps run here or on the GPU pool (config `compute.gpu_deployment`; flows/fit.py).
+    """
+    store = work_store(config)
+    splits = ingest_table(config.data, config.input_columns, store)
+    contract = check_contract(splits, config.input_columns, config.contract, store)
+    encoded = map_labels(splits, config.input_columns, config.classifier, store)
+    fitted = fit_anywhere(config, encoded, store)
+    return write_run_folder(config, splits, contract, **fitted)

@@ -8,31 +8,23 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.fit import fit_anywhere, work_store
 from loraflow.config import LoraflowConfig
 from tasks.contracts import check_contract
-from tasks.evaluate import evaluate_model
 from tasks.ingest import ingest_table
-from tasks.merge import merge_adapter
-from tasks.models import default_cache_dir, resolve_model
 from tasks.prompts import format_prompts
 from tasks.report import write_run_folder
-from tasks.train import train_adapter
 
 
 @flow(name="train-generative")
 def train_generative(config: LoraflowConfig) -> str:
-    """Ingest → contract → prompts → model → LoRA → merge → evaluate (zero-shot and tuned) → run folder."""
-    store = str(config.output_dir / config.name / "work")
+    """Ingest → contract → prompts → [model → LoRA → merge → evaluate vs zero-shot] → run folder.
+
+    The bracketed steps run here or on the GPU pool (config `compute.gpu_deployment`; flows/fit.py).
+    """
+    store = work_store(config)
     splits = ingest_table(config.data, config.input_columns, store)
     contract = check_contract(splits, config.input_columns, config.contract, store)
     prompts = format_prompts(splits, config.prompt, config.data.answers, store)
-    model = resolve_model(config.model, default_cache_dir())
-    adapter = train_adapter(prompts, model, config.lora, config.train, config.model.dtype, store)
-    merged = merge_adapter(adapter, model, prompts, config.prompt, config.model.dtype, store)
-    baseline = (
-        evaluate_model(model, prompts, "zero-shot", config.eval, config.model.dtype, store)
-        if config.eval.baseline
-        else None
-    )
-    finetuned = evaluate_model(merged, prompts, "finetuned", config.eval, config.model.dtype, store)
-    return write_run_folder(config, splits, contract, adapter, merged, baseline, finetuned)
+    fitted = fit_anywhere(config, prompts, store)
+    return write_run_folder(config, splits, contract, **fitted)

@@ -1,4 +1,4 @@
-"""The `loraflow` command: `loraflow run CONFIG.yaml`, `loraflow validate CONFIG.yaml`, `loraflow demo`.
+"""The `loraflow` command: `run | validate | retrain | notify CONFIG.yaml`, `predict`, `demo`.
 
 Flows run locally on Prefect's ephemeral server (no server to start). User errors print a short message
 and exit non-zero, without a traceback.
@@ -90,11 +90,38 @@ def _flow_for(config: LoraflowConfig) -> Flow:
 
 
 def _run(config: LoraflowConfig, refresh: bool) -> int:
+    from flows.fit import work_store
+
     flow = _flow_for(config)
     if refresh:  # a new work store has a new identity, which every task's cache key includes
-        shutil.rmtree(Path(config.output_dir) / config.name / "work", ignore_errors=True)
+        shutil.rmtree(work_store(config), ignore_errors=True)
     run_dir = flow(config)
     _print_metrics(run_dir)
+    return 0
+
+
+def _retrain(config: LoraflowConfig) -> int:
+    from flows.retrain import retrain
+
+    record = retrain(config)
+    print(f"{record['decision']}; production: {record['production']}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from flows.predict import predict
+
+    sheet = int(args.sheet) if args.sheet.isdigit() else args.sheet
+    written = predict(
+        model=args.model,
+        input=args.input,
+        output=args.output,
+        sheet=sheet,
+        header_row=args.header_row,
+        encoding=args.encoding,
+        batch_size=args.batch_size,
+    )
+    print(f"predictions: {written}")
     return 0
 
 
@@ -104,6 +131,49 @@ def _validate(config: LoraflowConfig) -> int:
     folder = validate_data(config)
     print(f"data contract passed: {Path(folder) / 'contract.json'}")
     return 0
+
+
+def _notify(config: LoraflowConfig) -> int:
+    """Emit `loraflow.dataset.updated` for the config to the Prefect server: its retrain deployment starts."""
+    import asyncio
+
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.retrain import DATASET_EVENT, dataset_resource
+    from tasks.ingest import source_digests
+
+    if not PREFECT_API_URL.value():
+        raise UserError(
+            "loraflow notify needs a Prefect server: set PREFECT_API_URL (e.g. "
+            "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api)"
+        )
+    event = Event(
+        event=DATASET_EVENT,
+        resource={"prefect.resource.id": dataset_resource(config.name), "prefect.resource.name": config.name},
+        payload={"data": source_digests(config.data)},
+    )
+
+    async def send() -> None:
+        async with get_events_client() as client:
+            await client.emit(event)
+
+    asyncio.run(send())
+    print(f"emitted {DATASET_EVENT} for {config.name} (event {event.id}) to {PREFECT_API_URL.value()}")
+    return 0
+
+
+def _run_config_command(args: argparse.Namespace) -> int:
+    config = load_config(DEMO_CONFIG if args.command == "demo" else args.config, args.overrides)
+    _quiet_user_error_tracebacks()
+    if args.command == "validate":
+        return _validate(config)
+    if args.command == "notify":
+        return _notify(config)
+    if args.command == "retrain":
+        return _retrain(config)
+    return _run(config, refresh=getattr(args, "refresh", False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="ingest and check the data contract only")
     validate.add_argument("config")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    retrain = commands.add_parser(
+        "retrain", help="train a challenger on changed data; promote it if it beats the production model"
+    )
+    retrain.add_argument("config")
+    retrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    notify = commands.add_parser(
+        "notify", help="tell the Prefect server the config's data changed (starts its retrain deployment)"
+    )
+    notify.add_argument("config")
+    notify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    predict = commands.add_parser("predict", help="label a table's rows with a trained model")
+    predict.add_argument("--model", required=True, help="run folder, its merged/ or models/<name>/production")
+    predict.add_argument("--input", required=True, help="table to label (.xlsx .csv .tsv .parquet .jsonl)")
+    predict.add_argument(
+        "--output", required=True, help="where to write rows + predictions (.xlsx .csv .tsv .parquet)"
+    )
+    predict.add_argument("--sheet", default="0", help="Excel sheet name or 0-based index (default 0)")
+    predict.add_argument("--header-row", type=int, default=1, help="1-based row of the column names")
+    predict.add_argument("--encoding", default="utf-8", help="text encoding of .csv/.tsv input")
+    predict.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     demo = commands.add_parser("demo", help="run examples/geo/config.yaml on the embedded model")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
@@ -136,12 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     started = time.perf_counter()
     try:
-        config = load_config(DEMO_CONFIG if args.command == "demo" else args.config, args.overrides)
-        _quiet_user_error_tracebacks()
-        if args.command == "validate":
-            code = _validate(config)
+        if args.command == "predict":
+            _quiet_user_error_tracebacks()
+            code = _predict(args)
         else:
-            code = _run(config, refresh=getattr(args, "refresh", False))
+            code = _run_config_command(args)
     except UserError as e:
         print(f"loraflow: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -115,7 +115,7 @@ class DataSettings(_Settings):
         texts = [v.strip() for v in answers.values()]
         if len(set(texts)) != len(texts):
             raise ValueError("two labels share one answer; each label needs its own answer text")
-        return answers
+        return {normalize_label(k): v for k, v in answers.items()}  # 1, 1.0 and "1" are one label
 
 
 class PromptSettings(_Settings):
@@ -148,6 +148,7 @@ class ClassifierSettings(_Settings):
             bad = [f"{k}: {v}" for k, v in weights.items() if not v > 0]
             if bad:
                 raise ValueError(f"class weights must be > 0 (got {', '.join(bad)})")
+            return {normalize_label(k): v for k, v in weights.items()}
         return weights
 
 
@@ -218,6 +219,31 @@ class ContractSettings(_Settings):
     )
 
 
+class ComputeSettings(_Settings):
+    """Where training runs: in the flow's own process (default) or on a GPU work pool."""
+
+    gpu_deployment: str | None = Field(
+        None,
+        description="FLOW/DEPLOYMENT of the `fit` flow on the GPU pool (e.g. fit/gpu); unset = train "
+        "where the flow runs. Data steps always run where the flow starts.",
+    )
+    storage: str | None = Field(
+        None,
+        description="Folder or fsspec URL (s3://bucket/prefix) through which prepared data and results "
+        "travel to and from the GPU run; empty = <output_dir>/<name>/exchange (same host only).",
+    )
+    processes: int = Field(
+        1, ge=1, le=64, description="Training processes on one host, one per GPU (DDP through accelerate)."
+    )
+
+    @field_validator("gpu_deployment")
+    @classmethod
+    def _flow_slash_deployment(cls, value: str | None) -> str | None:
+        if value is not None and value.count("/") != 1:
+            raise ValueError(f"expected FLOW/DEPLOYMENT such as fit/gpu, got {value!r}")
+        return value
+
+
 class LoraflowConfig(_Settings):
     """One classification task: data, prompt, model, LoRA, training, evaluation and where runs go."""
 
@@ -233,7 +259,12 @@ class LoraflowConfig(_Settings):
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
     contract: ContractSettings = ContractSettings()
+    compute: ComputeSettings = ComputeSettings()
     output_dir: Path = Field(Path("runs"), description="Folder that holds runs and the work cache.")
+    registry: Path = Field(
+        Path("models"),
+        description="Model registry of the retrain flow: <registry>/<name>/production is the champion.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -367,7 +398,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-_PATH_FIELDS = (("data", "train"), ("data", "dev"), ("contract", "extra_suite"), ("output_dir",))
+_PATH_FIELDS = (
+    ("data", "train"),
+    ("data", "dev"),
+    ("contract", "extra_suite"),
+    ("output_dir",),
+    ("registry",),
+    ("compute", "storage"),
+)
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
@@ -376,6 +414,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         for key in keys[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(keys[-1]), str | Path):
+            if "://" in str(node[keys[-1]]):  # an fsspec URL, not a local path
+                continue
             path = Path(node[keys[-1]]).expanduser()
             node[keys[-1]] = str(path if path.is_absolute() else (base / path).resolve())
     model = raw.get("model")
@@ -408,6 +448,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Loraflo
         raise ConfigError(f"{path}: expected a mapping of sections (data, prompt, model, ...) at the top")
     raw.setdefault("name", path.parent.name if path.stem == "config" else path.stem)
     raw.setdefault("output_dir", "runs")
+    raw.setdefault("registry", "models")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
     _resolve_paths(raw, path.parent.resolve())

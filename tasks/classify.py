@@ -21,16 +21,26 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from prefect import task
+from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from loraflow.config import ClassifierSettings, EvalSettings, LoraSettings, TrainSettings, normalize_label
 from loraflow.errors import ConfigError
 from tasks.evaluate import save_evaluation, softmax
 from tasks.ingest import LABEL, read_meta, read_split
+from tasks.launch import train_in_processes
 from tasks.merge import CHECK_ROWS, merge_checked, save_merged
-from tasks.models import load_tokenizer, pick_dtype
+from tasks.models import load_tokenizer, pick_dtype, uses_bf16
 from tasks.prompts import render
-from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
+from tasks.store import (
+    CONTENT_CACHE,
+    Ref,
+    building,
+    digest_of,
+    is_complete,
+    retry_unless_user_error,
+    work_dir,
+)
 from tasks.train import build_lora_config, save_trained, train_resuming, trainer_arguments, training_callbacks
 
 TEXT, TEXT_PAIR, LABEL_ID = "text", "text_pair", "label_id"
@@ -197,7 +207,7 @@ def fit_classifier(
         load_classifier(model_path, labels, tokenizer, dtype).train(), build_lora_config(lora, "SEQ_CLS")
     )
     args = TrainingArguments(
-        **trainer_arguments(train, checkpoints, bf16=pick_dtype(dtype) == torch.bfloat16),
+        **trainer_arguments(train, checkpoints, bf16=uses_bf16(dtype)),
         train_sampling_strategy="group_by_length",  # rows of similar length share a batch: less padding
         label_names=["labels"],
         remove_unused_columns=False,
@@ -214,7 +224,13 @@ def fit_classifier(
     return trainer, train_resuming(trainer, checkpoints)
 
 
-@task(name="train-classifier-head", cache_policy=CONTENT_CACHE, retries=1, retry_delay_seconds=5)
+@task(
+    name="train-classifier-head",
+    cache_policy=CONTENT_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+)
 def train_classifier_head(
     encoded: Ref,
     model: Ref,
@@ -223,12 +239,37 @@ def train_classifier_head(
     classifier: ClassifierSettings,
     dtype: str,
     store: str,
+    processes: int = 1,
 ) -> Ref:
-    """Train LoRA and the classification head on the train split; resume from the last checkpoint."""
-    key = digest_of("train-cls", encoded.digest, model.digest, lora, train, classifier.class_weights, dtype)
+    """Train LoRA and the classification head on the train split; resume from the last checkpoint.
+
+    With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
+    """
+    key = digest_of(
+        "train-cls", encoded.digest, model.digest, lora, train, classifier.class_weights, dtype, processes
+    )
     folder = work_dir(store, "train-cls", key)
     if is_complete(folder):
         return Ref(path=str(folder), digest=key)
+    arguments = {"folder": folder, "encoded": encoded, "model": model, "lora": lora, "train": train}
+    arguments |= {"classifier": classifier}
+    if processes > 1:
+        train_in_processes("classifier", arguments | {"dtype": dtype}, processes, uses_bf16(dtype))
+    else:
+        train_classifier_into(**arguments, dtype=dtype)
+    return Ref(path=str(folder), digest=key)
+
+
+def train_classifier_into(
+    folder: Path,
+    encoded: Ref,
+    model: Ref,
+    lora: LoraSettings,
+    train: TrainSettings,
+    classifier: ClassifierSettings,
+    dtype: str,
+) -> None:
+    """Train LoRA + head on the encoded train split into `folder` (one process; one of several under DDP)."""
     checkpoints = folder.with_name(f"{folder.name}.checkpoints")
     labels = read_label_map(encoded)["labels"]
     frame = read_encoded(encoded, "train")
@@ -239,8 +280,8 @@ def train_classifier_head(
     trainer, resumed_from = fit_classifier(
         dataset, model.path, labels, lora, train, weights, dtype, checkpoints
     )
-    save_trained(folder, trainer, time.perf_counter() - started, resumed_from, truncated, checkpoints)
-    return Ref(path=str(folder), digest=key)
+    if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
+        save_trained(folder, trainer, time.perf_counter() - started, resumed_from, truncated, checkpoints)
 
 
 # Prediction, merge, evaluation ----------------------------------------------------------------------------
@@ -248,7 +289,12 @@ def train_classifier_head(
 
 @torch.no_grad()
 def predict_logits(
-    model: Any, tokenizer: Any, frame: pd.DataFrame, max_length: int, batch_size: int = 16
+    model: Any,
+    tokenizer: Any,
+    frame: pd.DataFrame,
+    max_length: int,
+    batch_size: int = 16,
+    progress: bool = False,
 ) -> np.ndarray:
     """(rows × labels) logits, in row order; rows are sorted by length so that a batch pads little."""
     tokens, _ = tokenize(tokenizer, frame, max_length)
@@ -256,7 +302,9 @@ def predict_logits(
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     device = next(model.parameters()).device
     logits = np.zeros((len(features), model.config.num_labels), dtype=np.float64)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="predicting", unit="batch", disable=not progress
+    ):
         index = order[start : start + batch_size]
         batch = tokenizer.pad([features[i] for i in index], return_tensors="pt").to(device)
         logits[index] = model(**batch).logits.float().cpu().numpy()
@@ -301,10 +349,16 @@ def _dev_rows(encoded: Ref) -> pd.DataFrame:
 
 @task(name="evaluate", cache_policy=CONTENT_CACHE)
 def evaluate_classifier(
-    model: Ref, encoded: Ref, settings: EvalSettings, max_length: int, dtype: str, store: str
+    model: Ref,
+    encoded: Ref,
+    settings: EvalSettings,
+    max_length: int,
+    dtype: str,
+    store: str,
+    kind: str = "finetuned",
 ) -> Ref:
     """Classify the dev split with `model`; write predictions.parquet and metrics.json."""
-    key = digest_of("evaluate-cls", model.digest, encoded.digest, settings, max_length, dtype)
+    key = digest_of("evaluate-cls", model.digest, encoded.digest, settings, max_length, dtype, kind)
     folder = work_dir(store, "evaluate", key)
     if is_complete(folder):
         return Ref(path=str(folder), digest=key)
@@ -321,7 +375,7 @@ def evaluate_classifier(
         _dev_rows(encoded),
         labels,
         softmax(logits),
-        "finetuned",
+        kind,
         seconds,
         {"truncated_rows": truncated},
     )

@@ -46,21 +46,28 @@ def _extra_expectations(path: Path | None) -> list[dict[str, Any]]:
     return items
 
 
-def build_expectations(
-    columns: list[str], labels: list[str], contract: ContractSettings
-) -> list[dict[str, Any]]:
-    """Expectation configs (type + kwargs + severity) that the config implies for one split."""
+def text_expectations(columns: list[str]) -> list[dict[str, Any]]:
+    """The input columns exist, and their cells are neither null nor blank (critical)."""
     found: list[dict[str, Any]] = []
-    for column in [*columns, LABEL]:
+    for column in columns:
         found.append({"type": "expect_column_to_exist", "kwargs": {"column": column}})
         found.append({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": column}})
-    for column in columns:
         found.append(
             {
                 "type": "expect_column_values_to_not_match_regex",
                 "kwargs": {"column": column, "regex": r"^\s*$"},
             }
         )
+    return [{**e, "severity": "critical"} for e in found]
+
+
+def build_expectations(
+    columns: list[str], labels: list[str], contract: ContractSettings
+) -> list[dict[str, Any]]:
+    """Expectation configs (type + kwargs + severity) that the config implies for one split."""
+    found = text_expectations(columns)
+    found.append({"type": "expect_column_to_exist", "kwargs": {"column": LABEL}})
+    found.append({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": LABEL}})
     found.append(
         {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": LABEL, "value_set": labels}}
     )
@@ -73,7 +80,7 @@ def build_expectations(
     return [{**e, "severity": "critical"} for e in found]
 
 
-def _run_suites(
+def run_suites(
     frames: dict[str, pd.DataFrame], suites: dict[str, list[dict[str, Any]]]
 ) -> list[dict[str, Any]]:
     """Validate each split's frame against its expectation configs with Great Expectations."""
@@ -217,7 +224,7 @@ def check_contract(splits: Ref, columns: list[str], contract: ContractSettings, 
     frames = {"train": read_split(splits, "train"), "dev": read_split(splits, "dev")}
     generated = build_expectations(columns, labels, contract)
     extra = _extra_expectations(contract.extra_suite)
-    checks = _run_suites(frames, {split: generated + extra for split in frames})
+    checks = run_suites(frames, {split: generated + extra for split in frames})
     checks += _class_checks(frames["train"], labels, contract)
     report = {
         "success": all(c["success"] for c in checks if c["severity"] == "critical"),

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import task
+from tqdm.auto import tqdm
 
 from loraflow.config import EvalSettings
 from tasks.ingest import LABEL
@@ -63,7 +64,12 @@ def _left_pad(
 
 @torch.no_grad()
 def score_labels(
-    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 16
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict[str, str]]],
+    answers: list[str],
+    batch_size: int = 16,
+    progress: bool = False,
 ) -> np.ndarray:
     """(rows × labels) sums of the answer tokens' log-probs given each prompt.
 
@@ -86,7 +92,7 @@ def score_labels(
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
         index = order[start : start + batch_size]
         ids, mask = _left_pad([rows[i][0] for i in index], pad, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -34,7 +34,8 @@ ROW = "_row"  # the row number in the source file, kept so every message can poi
 LABEL = "label"  # the normalised label, as text
 
 
-def _source_digests(data: DataSettings) -> dict[str, str]:
+def source_digests(data: DataSettings) -> dict[str, str]:
+    """sha256 of each data file (train, dev): what makes data "new" to caching and retraining."""
     digests = {}
     for path in (data.train, data.dev):
         if path is None:
@@ -46,10 +47,10 @@ def _source_digests(data: DataSettings) -> dict[str, str]:
 
 
 def _source_key(_context: Any, inputs: dict[str, Any]) -> str:
-    return digest_of(_source_digests(inputs["data"]))
+    return digest_of(source_digests(inputs["data"]))
 
 
-def _read_excel(path: Path, data: DataSettings) -> pd.DataFrame:
+def _read_excel(path: Path, sheet: str | int, header_row: int) -> pd.DataFrame:
     if not zipfile.is_zipfile(path):
         raise DataError(
             f"{path} is not a valid .xlsx workbook (not a zip archive); re-save it from Excel "
@@ -61,37 +62,40 @@ def _read_excel(path: Path, data: DataSettings) -> pd.DataFrame:
         raise DataError(f"{path}: cannot open workbook ({e}); re-save it from Excel as .xlsx") from e
     with sheets:
         names = sheets.sheet_names
-        if isinstance(data.sheet, int) and not 0 <= data.sheet < len(names):
-            raise DataError(f"{path}: sheet index {data.sheet} out of range; sheets are {names}")
-        if isinstance(data.sheet, str) and data.sheet not in names:
+        if isinstance(sheet, int) and not 0 <= sheet < len(names):
+            raise DataError(f"{path}: sheet index {sheet} out of range; sheets are {names}")
+        if isinstance(sheet, str) and sheet not in names:
             raise DataError(
-                f"{path}: sheet '{data.sheet}' not found{did_you_mean(data.sheet, names)}; sheets are {names}"
+                f"{path}: sheet '{sheet}' not found{did_you_mean(sheet, names)}; sheets are {names}"
             )
-        return sheets.parse(data.sheet, header=data.header_row - 1)
+        return sheets.parse(sheet, header=header_row - 1)
 
 
-def _read_table(path: Path, data: DataSettings) -> pd.DataFrame:
+def read_table(
+    path: Path, sheet: str | int = 0, header_row: int = 1, encoding: str = "utf-8"
+) -> pd.DataFrame:
+    """Any supported file as a DataFrame with stripped column names and the source row number in `_row`."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED:
         raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty (0 bytes)")
     if suffix in (".xlsx", ".xlsm"):
-        frame = _read_excel(path, data)
+        frame = _read_excel(path, sheet, header_row)
     elif suffix in (".tsv", ".csv"):
         try:
             frame = pd.read_csv(
                 path,
                 sep="\t" if suffix == ".tsv" else ",",
-                header=data.header_row - 1,
-                encoding=data.encoding,
+                header=header_row - 1,
+                encoding=encoding,
                 dtype=str,
                 keep_default_na=False,
                 na_values=[""],
             )
         except UnicodeDecodeError as e:
             raise DataError(
-                f"{path}: not valid {data.encoding} text at byte {e.start}; set data.encoding "
+                f"{path}: not valid {encoding} text at byte {e.start}; set data.encoding "
                 "(e.g. cp1252 or latin-1 for files saved by older Excel)"
             ) from e
     elif suffix == ".parquet":
@@ -100,20 +104,29 @@ def _read_table(path: Path, data: DataSettings) -> pd.DataFrame:
         frame = pd.read_json(path, lines=True, dtype=False)
     frame.columns = [str(c).strip() for c in frame.columns]
     # Spreadsheet rows are 1-based and the header takes one, so data row i sits on line header_row + 1 + i.
-    offset = data.header_row + 1 if suffix in (".xlsx", ".xlsm", ".tsv", ".csv") else 1
+    offset = header_row + 1 if suffix in (".xlsx", ".xlsm", ".tsv", ".csv") else 1
     frame[ROW] = np.arange(len(frame)) + offset
     return frame
 
 
-def _select(frame: pd.DataFrame, path: Path, columns: list[str], label_column: str) -> pd.DataFrame:
+def selected_columns(frame: pd.DataFrame, path: Path, columns: list[str]) -> None:
+    """Raise a DataError naming every missing column, the nearest existing name and the columns there are."""
     available = [c for c in frame.columns if c != ROW]
-    missing = [c for c in [*columns, label_column] if c not in available]
+    missing = [c for c in columns if c not in available]
     if missing:
         details = "; ".join(f"'{c}'{did_you_mean(c, available)}" for c in missing)
         hint = ""
         if all(c.startswith("Unnamed") for c in available[:2]):
             hint = "; the header may not be on the first row: set data.header_row"
         raise DataError(f"{path}: column(s) {details} not found; columns are {available}{hint}")
+
+
+def _read_file(path: Path, data: DataSettings) -> pd.DataFrame:
+    return read_table(path, sheet=data.sheet, header_row=data.header_row, encoding=data.encoding)
+
+
+def _select(frame: pd.DataFrame, path: Path, columns: list[str], label_column: str) -> pd.DataFrame:
+    selected_columns(frame, path, [*columns, label_column])
     out = pd.DataFrame({ROW: frame[ROW]})
     for column in columns:
         out[column] = frame[column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
@@ -161,14 +174,14 @@ def split_stratified(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[p
 )
 def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
     """Read train (and dev) into `train.parquet` / `dev.parquet` with the normalised label column."""
-    sources = _source_digests(data)
+    sources = source_digests(data)
     key = digest_of("ingest", data, columns, sources)
     folder = work_dir(store, "ingest", key)
     if is_complete(folder):
         return Ref(path=str(folder), digest=key)
-    train = _select(_read_table(data.train, data), data.train, columns, data.label_column)
+    train = _select(_read_file(data.train, data), data.train, columns, data.label_column)
     if data.dev is not None:
-        dev = _select(_read_table(data.dev, data), data.dev, columns, data.label_column)
+        dev = _select(_read_file(data.dev, data), data.dev, columns, data.label_column)
     else:
         train, dev = split_stratified(train, data.dev_fraction, data.split_seed)
     labels = infer_labels(data, train[LABEL])

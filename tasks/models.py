@@ -64,6 +64,11 @@ def pick_dtype(setting: str) -> torch.dtype:
     return torch.float32
 
 
+def uses_bf16(setting: str) -> bool:
+    """Whether training with this dtype setting runs in bfloat16 (mixed precision on a GPU)."""
+    return pick_dtype(setting) == torch.bfloat16
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The model's tokenizer, with a pad token (eos when it has none) so batches > 1 work."""
     from transformers import AutoTokenizer

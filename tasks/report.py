@@ -175,12 +175,12 @@ def write_run_folder(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     create_markdown_artifact(
-        key=f"{_artifact_key(config.name)}-report",
+        key=f"{artifact_key(config.name)}-report",
         markdown=report,
         description=f"Evaluation of {config.name}",
     )
     create_table_artifact(
-        key=f"{_artifact_key(config.name)}-metrics",
+        key=f"{artifact_key(config.name)}-metrics",
         table=[
             {
                 "model": name,
@@ -196,6 +196,6 @@ def write_run_folder(
     return str(final)
 
 
-def _artifact_key(name: str) -> str:
+def artifact_key(name: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "run"

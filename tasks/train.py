@@ -25,9 +25,18 @@ from trl import SFTConfig, SFTTrainer
 
 from loraflow.config import LoraSettings, TrainSettings
 from tasks.evaluate import encode_choices
-from tasks.models import load_causal_lm, load_tokenizer, pick_dtype
+from tasks.launch import train_in_processes
+from tasks.models import load_causal_lm, load_tokenizer, uses_bf16
 from tasks.prompts import COMPLETION, PROMPT, read_prompts
-from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
+from tasks.store import (
+    CONTENT_CACHE,
+    Ref,
+    building,
+    digest_of,
+    is_complete,
+    retry_unless_user_error,
+    work_dir,
+)
 
 
 def build_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraConfig:
@@ -120,7 +129,7 @@ def fit_adapter(
     network = load_causal_lm(model_path, dtype)
     trainer = SFTTrainer(
         model=network,
-        args=build_training_args(train, checkpoints, bf16=pick_dtype(dtype) == torch.bfloat16),
+        args=build_training_args(train, checkpoints, bf16=uses_bf16(dtype)),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=build_lora_config(lora),
@@ -165,23 +174,50 @@ def save_trained(
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
 
 
-@task(name="train-adapter", cache_policy=CONTENT_CACHE, retries=1, retry_delay_seconds=5)
-def train_adapter(
-    prompts: Ref, model: Ref, lora: LoraSettings, train: TrainSettings, dtype: str, store: str
-) -> Ref:
-    """Train a LoRA adapter on the formatted train split; resume from the last checkpoint if one exists."""
-    key = digest_of("train", prompts.digest, model.digest, lora, train, dtype)
-    folder = work_dir(store, "train", key)
-    if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
+def train_generative_adapter(
+    folder: Path, prompts: Ref, model: Ref, lora: LoraSettings, train: TrainSettings, dtype: str
+) -> None:
+    """Train LoRA on the formatted train split into `folder` (one process; one of several under DDP)."""
     checkpoints = folder.with_name(f"{folder.name}.checkpoints")
     frame = read_prompts(prompts, "train")
     dataset = Dataset.from_pandas(frame[[PROMPT, COMPLETION]], preserve_index=False)
     started = time.perf_counter()
     trainer, resumed_from = fit_adapter(dataset, model.path, lora, train, dtype, checkpoints)
     seconds = time.perf_counter() - started
-    truncated = count_truncated(trainer.processing_class, frame, train.max_length)
-    save_trained(folder, trainer, seconds, resumed_from, truncated, checkpoints)
+    if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
+        truncated = count_truncated(trainer.processing_class, frame, train.max_length)
+        save_trained(folder, trainer, seconds, resumed_from, truncated, checkpoints)
+
+
+@task(
+    name="train-adapter",
+    cache_policy=CONTENT_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+)
+def train_adapter(
+    prompts: Ref,
+    model: Ref,
+    lora: LoraSettings,
+    train: TrainSettings,
+    dtype: str,
+    store: str,
+    processes: int = 1,
+) -> Ref:
+    """Train a LoRA adapter on the formatted train split; resume from the last checkpoint if one exists.
+
+    With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
+    """
+    key = digest_of("train", prompts.digest, model.digest, lora, train, dtype, processes)
+    folder = work_dir(store, "train", key)
+    if is_complete(folder):
+        return Ref(path=str(folder), digest=key)
+    arguments = {"folder": folder, "prompts": prompts, "model": model, "lora": lora, "train": train}
+    if processes > 1:
+        train_in_processes("generative", arguments | {"dtype": dtype}, processes, uses_bf16(dtype))
+    else:
+        train_generative_adapter(**arguments, dtype=dtype)
     return Ref(path=str(folder), digest=key)
 
 

@@ -29,6 +29,22 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert config.data.train == tmp_path / "sub" / "t.tsv"
     assert config.output_dir == tmp_path / "sub" / "runs"
     assert config.input_columns == ["text"]
+    assert config.registry == tmp_path / "sub" / "models" and config.compute.gpu_deployment is None
+
+
+def test_exchange_storage_is_a_path_or_an_fsspec_url_and_the_gpu_deployment_names_its_flow(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "task.yaml"
+    path.write_text("data: {train: t.tsv, label_column: y}\nprompt: {template: '{text}'}\n")
+    local = load_config(path, ["compute.storage=exchange", "compute.gpu_deployment=fit/gpu"])
+    assert local.compute.storage == str(tmp_path / "exchange")
+    remote = load_config(path, ["compute.storage=s3://bucket/loraflow"])
+    assert remote.compute.storage == "s3://bucket/loraflow"  # a URL is not resolved as a path
+    with pytest.raises(ConfigError, match="expected FLOW/DEPLOYMENT such as fit/gpu"):
+        load_config(path, ["compute.gpu_deployment=gpu"])
+    with pytest.raises(ConfigError, match="compute.processes"):
+        load_config(path, ["compute.processes=0"])
 
 
 def test_every_problem_is_reported_at_once_with_paths_and_hints(tmp_path: Path) -> None:
@@ -118,7 +134,10 @@ def test_labels_from_any_spreadsheet_normalise_to_one_text(value: object, expect
 @pytest.mark.parametrize(
     ("heading", "sections"),
     [
-        ("## Your own spreadsheet", ("data", "prompt", "model", "lora", "train", "eval", "contract")),
+        (
+            "## Your own spreadsheet",
+            ("data", "prompt", "model", "lora", "train", "eval", "contract", "compute"),
+        ),
         (
             "## A classification head instead",
             ("data", "classifier", "model", "lora", "train", "eval", "contract"),
@@ -140,21 +159,49 @@ def test_the_readme_configs_are_complete_and_valid(heading: str, sections: tuple
         assert not missing, f"README config lacks {section}.{missing}"
 
 
-def test_prefect_yaml_deployment_parameters_are_valid_configs() -> None:
+ENTRYPOINTS = {
+    "generative": "flows/generative.py:train_generative",
+    "classifier": "flows/classifier.py:train_classifier",
+}
+
+
+def _deployments_with_config() -> list[dict]:
+    """prefect.yaml's deployments that carry a config (not fit/gpu, started by the training flows with
+    theirs, nor predict/*, which takes a model)."""
     deployments = __import__("yaml").safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    assert deployments
+    return [d for d in deployments if "config" in d.get("parameters", {})]
+
+
+def test_prefect_yaml_deployment_parameters_are_valid_configs() -> None:
+    deployments = _deployments_with_config()
     for deployment in deployments:
         config = LoraflowConfig.model_validate(deployment["parameters"]["config"])
-        assert (
-            deployment["entrypoint"]
-            == {
-                "generative": "flows/generative.py:train_generative",
-                "classifier": "flows/classifier.py:train_classifier",
-            }[config.approach]
-        )
+        if deployment["entrypoint"] == "flows/retrain.py:retrain":
+            assert deployment["schedules"] and deployment["triggers"][0]["match"] == {
+                "prefect.resource.id": f"loraflow.dataset.{config.name}"
+            }
+        else:
+            assert deployment["entrypoint"] == ENTRYPOINTS[config.approach]
         assert (REPO / config.data.train).is_file() and (REPO / config.data.dev).is_file()
         assert config.contract.extra_suite is None or (REPO / config.contract.extra_suite).is_file()
-    assert {d["entrypoint"] for d in deployments} >= {
-        "flows/generative.py:train_generative",
-        "flows/classifier.py:train_classifier",
-    }
+    entrypoints = {d["entrypoint"] for d in deployments}
+    assert entrypoints == {*ENTRYPOINTS.values(), "flows/retrain.py:retrain"}
+    everything = __import__("yaml").safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    others = {d["entrypoint"]: d for d in everything if d not in deployments}
+    assert set(others) == {"flows/fit.py:fit", "flows/predict.py:predict"}
+    assert all(d["work_pool"]["name"] == "gpu" for d in everything)
+    predict = others["flows/predict.py:predict"]["parameters"]
+    assert (REPO / predict["input"]).is_file() and predict["model"].startswith("models/")
+
+
+def test_prefect_yaml_deployments_train_the_examples_as_configured() -> None:
+    """A deployment of an example's config runs exactly its config.yaml (no drift between the two)."""
+    import copy
+
+    from loraflow.config import _resolve_paths
+
+    for deployment in _deployments_with_config():
+        raw = copy.deepcopy(deployment["parameters"]["config"])
+        _resolve_paths(raw, REPO)  # deployments run from the repository root
+        example = REPO / "examples" / raw["name"] / "config.yaml"
+        assert LoraflowConfig.model_validate(raw) == load_config(example), deployment["name"]

@@ -121,7 +121,13 @@ def test_changing_the_template_reruns_only_what_depends_on_it(
 def test_a_failed_contract_stops_the_flow_before_any_model_loads(
     prefect_server: None, tmp_path: Path, tiny_model: Path
 ) -> None:
-    path = write_config(tmp_path / "task", tiny_model, contract={"min_rows_per_class": 1000})
+    # Training is meant for a GPU deployment: a bad contract must not even publish the data for it.
+    path = write_config(
+        tmp_path / "task",
+        tiny_model,
+        contract={"min_rows_per_class": 1000},
+        compute={"gpu_deployment": "fit/gpu"},
+    )
     config = load_config(path)
     state = train_generative(config, return_state=True)
     assert state.is_failed()
@@ -130,6 +136,7 @@ def test_a_failed_contract_stops_the_flow_before_any_model_loads(
     states = _task_states(state.state_details.flow_run_id)
     assert states["check-contract"] == ["Failed"]
     assert "resolve-model" not in states and "train-adapter" not in states
+    assert not (tmp_path / "task" / "runs" / "tiny-geo" / "exchange").exists()
     assert not (tmp_path / "task" / "runs" / "tiny-geo").exists() or not any(
         p.name[0].isdigit() for p in (tmp_path / "task" / "runs" / "tiny-geo").iterdir()
     )

@@ -1,0 +1,40 @@
+"""The `predict` flow: label every row of a table with a merged loraflow model of either approach.
+
+Run it with `loraflow predict --model RUN_FOLDER_OR_MODEL --input FILE --output FILE`, or deploy it
+(prefect.yaml) and start it with `prefect deployment run predict/<deployment> -p input=… -p output=…`.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.predict import (
+    check_input,
+    model_inputs,
+    predict_rows,
+    read_input,
+    scratch_store,
+    write_predictions,
+)
+
+
+@flow(name="predict")
+def predict(
+    model: str,
+    input: str,
+    output: str,
+    sheet: str | int = 0,
+    header_row: int = 1,
+    encoding: str = "utf-8",
+    batch_size: int = 16,
+) -> str:
+    """Model card → read the input → check its columns → predict in batches → write input + predictions.
+
+    `model` is a run folder, its merged/ folder or models/<name>/production; `output` ends in .xlsx, .csv,
+    .tsv or .parquet; `sheet`, `header_row` and `encoding` read the input as the data settings do.
+    """
+    columns = model_inputs(model)
+    rows = read_input(input, columns, sheet, header_row, encoding, scratch_store())
+    check_input(rows, columns, input)
+    predictions = predict_rows(model, rows, batch_size)
+    return write_predictions(rows, predictions, output)

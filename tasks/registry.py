@@ -1,0 +1,74 @@
+"""The model registry: one champion per config that only ever gets better, and the record of every decision.
+
+```
+<registry>/<config name>/
+  versions/<run timestamp>/   promoted merged models (hard links into their run folders) + MANIFEST.json
+  production -> versions/…    a symlink, switched atomically (a new link renamed over the old one)
+  history.jsonl               one record per retraining run that trained: time, data hashes, metrics, decision
+```
+
+A version folder is complete before `production` points at it, and `production` only ever moves by one
+rename, so a reader (a predict job, a server) sees the old champion or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from loraflow.config import LoraflowConfig
+from tasks.store import MANIFEST, building, digest_of, link_tree
+
+PRODUCTION = "production"
+HISTORY = "history.jsonl"
+
+
+def model_home(config: LoraflowConfig) -> Path:
+    """<registry>/<config name>/."""
+    return Path(config.registry) / config.name
+
+
+def production_model(config: LoraflowConfig) -> Path | None:
+    """The current champion's folder (a merged model), or None before the first promotion."""
+    link = model_home(config) / PRODUCTION
+    return link.resolve() if link.exists() else None
+
+
+def version_digest(folder: Path) -> str:
+    """A content digest of a promoted version (its manifest of file hashes)."""
+    return digest_of((folder / MANIFEST).read_text())
+
+
+def read_history(config: LoraflowConfig) -> list[dict[str, Any]]:
+    """Every record of history.jsonl, oldest first."""
+    path = model_home(config) / HISTORY
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def append_history(config: LoraflowConfig, record: dict[str, Any]) -> None:
+    """Append one record as a JSON line, flushed to disk before returning."""
+    path = model_home(config) / HISTORY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def promote(config: LoraflowConfig, run_dir: Path) -> Path:
+    """Make the run's merged model the champion: copy it in as a version, then switch `production`."""
+    home = model_home(config)
+    version = home / "versions" / run_dir.name
+    if not (version / MANIFEST).is_file():
+        with building(version) as tmp:
+            link_tree(run_dir / "merged", tmp)
+    link = home / PRODUCTION
+    tmp_link = home / f".{PRODUCTION}.{uuid.uuid4().hex[:8]}"
+    os.symlink(Path("versions") / run_dir.name, tmp_link)
+    os.replace(tmp_link, link)  # atomic on POSIX: readers see the old champion or the new one
+    return version

@@ -1,0 +1,265 @@
+"""The real thing: `prefect server start`, the `gpu` process pool, `prefect deploy --all` of the repository's
+prefect.yaml (configs swapped for tiny-model ones), a `prefect worker start --pool gpu` subprocess, and
+deployments run through the Prefect CLI, on a schedule's flow and on a custom event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from uuid import UUID
+
+import pandas as pd
+import pytest
+import yaml
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
+)
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from loraflow.config import load_config
+from tests.conftest import write_config
+from tests.tiny import geo_rows
+
+pytestmark = pytest.mark.server
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+LORAFLOW = [sys.executable, "-m", "loraflow.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _prefect(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A Prefect server on a free loopback port with its database in a temp folder; yields the env."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    log = open(home / "server.log", "w")  # noqa: SIM115 (closed below, after the process)
+    process = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Prefect server did not answer within 180 s"
+            time.sleep(1)
+        yield env
+    finally:
+        _stop(process)
+        log.close()
+
+
+def _deployment_file(folder: Path, tiny_model: Path) -> Path:
+    """The repository's prefect.yaml with every deployment's config swapped for a tiny-model config."""
+    tiny = load_config(write_config(folder / "task", tiny_model)).model_dump(mode="json")
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = [
+        d
+        for d in spec["deployments"]
+        if "config" not in d.get("parameters", {}) or d["parameters"]["config"]["approach"] == "generative"
+    ]
+    for deployment in deployments:
+        if "config" in deployment.get("parameters", {}):
+            deployment["parameters"]["config"] = tiny
+        for trigger in deployment.get("triggers", []):
+            trigger["match"]["prefect.resource.id"] = f"loraflow.dataset.{tiny['name']}"
+    spec["deployments"] = deployments
+    path = folder / "prefect.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@contextmanager
+def _client(env: dict[str, str]) -> Iterator[SyncPrefectClient]:
+    """A Prefect API client of the test server (this process may also run the harness's server)."""
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def _flow_runs(env: dict[str, str], deployment: str) -> list[FlowRun]:
+    """Flow runs of FLOW/DEPLOYMENT that have started, newest first (a schedule's future runs left out)."""
+    flow, name = deployment.split("/")
+    with _client(env) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        )
+    return [run for run in runs if not (run.state and run.state.is_scheduled() and run.auto_scheduled)]
+
+
+def _artifact_keys(env: dict[str, str], flow_run_id: UUID) -> set[str]:
+    with _client(env) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key for a in found}
+
+
+def _run_deployment(env: dict[str, str], name: str, *options: str) -> float:
+    started = time.perf_counter()
+    result = _prefect(
+        env, "deployment", "run", name, *options, "--watch", "--watch-timeout", "600", timeout=700
+    )
+    assert "Completed" in result.stdout, result.stdout
+    return time.perf_counter() - started
+
+
+def test_deploy_run_retrain_and_trigger_on_a_real_server_and_worker(
+    server: dict[str, str], tmp_path: Path, tiny_model: Path
+) -> None:
+    env = server
+    prefect_file = _deployment_file(tmp_path, tiny_model)
+    _prefect(env, "work-pool", "create", "gpu", "--type", "process")
+    deployed = _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
+    for name in ("train-generative/geo", "retrain/geo-nightly", "fit/gpu", "predict/geo"):
+        assert name in deployed.stdout, deployed.stdout
+
+    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 (closed below, after the process)
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "gpu"],
+        cwd=REPO,
+        # The worker's own disk, as on a separate GPU host: what it needs travels through the exchange.
+        env={**env, "LORAFLOW_WORK_DIR": str(tmp_path / "gpu-host")},
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # A training deployment, started the way users start it.
+        _run_deployment(env, "train-generative/geo")
+        [run] = _flow_runs(env, "train-generative/geo")
+        assert run.state.is_completed()
+        keys = _artifact_keys(env, run.id)
+        assert {"tiny-geo-report", "tiny-geo-metrics", "data-contract"} <= keys, keys
+        run_dirs = sorted((tmp_path / "task" / "runs" / "tiny-geo").glob("2*"))
+        assert len(run_dirs) == 1 and (run_dirs[0] / "metrics.json").is_file()
+
+        # Data steps here, training on the gpu pool: `loraflow run` with compute.gpu_deployment set.
+        split = write_config(
+            tmp_path / "split", tiny_model, name="tiny-split", compute={"gpu_deployment": "fit/gpu"}
+        )
+        started = time.perf_counter()
+        ran = subprocess.run(
+            [*LORAFLOW, "run", str(split)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+        )
+        print(f"split run (data here, training on fit/gpu): {time.perf_counter() - started:.1f} s")
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        [fit_run] = _flow_runs(env, "fit/gpu")
+        assert fit_run.state.is_completed()
+        [split_dir] = sorted((tmp_path / "split" / "runs" / "tiny-split").glob("2*"))
+        assert json.loads((split_dir / "metrics.json").read_text())["finetuned"]["macro_f1"] >= 0
+        exchange = tmp_path / "split" / "runs" / "tiny-split" / "exchange"
+        published = {p.name.split("-")[0] for p in exchange.glob("*-*") if (p / "MANIFEST.json").is_file()}
+        assert published == {"prompts", "train", "merge", "evaluate"}, published
+        gpu_host = {p.name.split("-")[0] for p in (tmp_path / "gpu-host" / "tiny-split").iterdir()}
+        assert {"prompts", "train", "merge", "evaluate"} <= gpu_host and "ingest" not in gpu_host
+
+        # Retraining: first run promotes, unchanged data ends fast, new data trains a challenger.
+        history = tmp_path / "task" / "models" / "tiny-geo" / "history.jsonl"
+        first = _run_deployment(env, "retrain/geo-nightly")
+        unchanged = _run_deployment(env, "retrain/geo-nightly")
+        train = tmp_path / "task" / "train.xlsx"
+        frame = pd.concat([pd.read_excel(train, sheet_name="data"), geo_rows(8, seed=5)], ignore_index=True)
+        frame.to_excel(train, index=False, sheet_name="data", engine="openpyxl")
+        changed = _run_deployment(env, "retrain/geo-nightly")
+        records = [json.loads(line) for line in history.read_text().splitlines()]
+        assert [r["decision"] for r in records][0] == "promoted" and len(records) == 2
+        assert records[1]["decision"] in ("promoted", "kept champion") and "champion" in records[1]
+        assert (tmp_path / "task" / "models" / "tiny-geo" / "production" / "config.json").is_file()
+        print(
+            f"retrain wall times: first {first:.1f} s, unchanged {unchanged:.1f} s, changed {changed:.1f} s"
+        )
+        print("history:\n" + history.read_text())
+
+        # The champion labels a table through the predict deployment.
+        production = tmp_path / "task" / "models" / "tiny-geo" / "production"
+        labelled = tmp_path / "labelled.xlsx"
+        _run_deployment(
+            env,
+            "predict/geo",
+            *("-p", f"model={production}", "-p", f"input={tmp_path / 'task' / 'dev.xlsx'}"),
+            *("-p", f"output={labelled}"),
+        )
+        predicted = pd.read_excel(labelled, engine="openpyxl")
+        assert len(predicted) == 16 and {"predicted_label", "prob_0", "prob_1"} <= set(predicted.columns)
+
+        # The custom event starts the retrain deployment through its trigger.
+        before = len(_flow_runs(env, "retrain/geo-nightly"))
+        config = tmp_path / "task" / "config.yaml"
+        notified = subprocess.run(
+            [*LORAFLOW, "notify", str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert notified.returncode == 0, notified.stderr
+        deadline = time.monotonic() + 240
+        while True:
+            runs = _flow_runs(env, "retrain/geo-nightly")
+            triggered = [r for r in runs if r.created_by and r.created_by.type == "AUTOMATION"]
+            if len(runs) > before and triggered and triggered[0].state.is_completed():
+                break
+            assert time.monotonic() < deadline, f"no triggered run completed: {runs}"
+            time.sleep(2)
+        lines = [line for line in history.read_text().splitlines() if line.strip()]
+        assert len(lines) == 2  # the data did not change since: "no new data", nothing recorded
+    finally:
+        _stop(worker)
+        worker_log.close()
+        print((tmp_path / "worker.log").read_text()[-4000:])
