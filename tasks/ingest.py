@@ -7,17 +7,21 @@ read twice. When no dev file is given, a seeded stratified split of train is hel
 from __future__ import annotations
 
 import json
+import logging
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.exceptions import MissingContextError
 
 from loraflow.config import DataSettings, did_you_mean, normalize_label
 from loraflow.errors import DataError
+from tasks.excel import sheet_layout, sniff_not_a_workbook
 from tasks.store import (
     CONTENT_CACHE,
     Ref,
@@ -32,6 +36,7 @@ from tasks.store import (
 SUPPORTED = (".xlsx", ".xlsm", ".tsv", ".csv", ".parquet", ".jsonl")
 ROW = "_row"  # the row number in the source file, kept so every message can point at it
 LABEL = "label"  # the normalised label, as text
+SPELLING = "_label_as_written"  # the label cell as read, before normalising (dropped before saving)
 
 
 def source_digests(data: DataSettings) -> dict[str, str]:
@@ -53,7 +58,8 @@ def _source_key(_context: Any, inputs: dict[str, Any]) -> str:
 def _read_excel(path: Path, sheet: str | int, header_row: int) -> pd.DataFrame:
     if not zipfile.is_zipfile(path):
         raise DataError(
-            f"{path} is not a valid .xlsx workbook (not a zip archive); re-save it from Excel "
+            sniff_not_a_workbook(path)
+            or f"{path} is not a valid .xlsx workbook (not a zip archive); re-save it from Excel "
             "as .xlsx, or give it the extension that matches its content (.csv, .tsv)"
         )
     try:
@@ -68,7 +74,65 @@ def _read_excel(path: Path, sheet: str | int, header_row: int) -> pd.DataFrame:
             raise DataError(
                 f"{path}: sheet '{sheet}' not found{did_you_mean(sheet, names)}; sheets are {names}"
             )
-        return sheets.parse(sheet, header=header_row - 1)
+        frame = sheets.parse(sheet, header=header_row - 1, dtype=object)  # cells as written
+        name = names[sheet] if isinstance(sheet, int) else sheet
+        if frame.columns.empty:
+            raise DataError(
+                f"{path}: sheet '{name}' is empty (no header row, no data); pick the sheet with data"
+            )
+        raw = sheets.parse(sheet, header=None, skiprows=header_row - 1, nrows=1)
+    frame.attrs["header"] = _header_names(raw)
+    merged, unsaved = sheet_layout(path, sheet)
+    _fill_merged(frame, merged, header_row)
+    if unsaved:
+        shown = ", ".join(unsaved[:10]) + (f" and {len(unsaved) - 10} more" if len(unsaved) > 10 else "")
+        raise DataError(
+            f"{path}: sheet '{name}': cell(s) {shown} hold a formula with no saved value (the file was "
+            "written by a program that does not compute formulas); open and save it in Excel or "
+            "LibreOffice, or write the values instead of formulas"
+        )
+    return frame
+
+
+def _header_names(raw: pd.DataFrame) -> list[str]:
+    if raw.empty:
+        return []
+    return ["" if pd.isna(v) else str(v).strip() for v in raw.iloc[0].tolist()]
+
+
+def _fill_merged(frame: pd.DataFrame, merged: list[tuple[int, int, int, int]], header_row: int) -> None:
+    """A merged range shows its top-left value in every cell: give every row that value."""
+    first_data_row = header_row + 1
+    for row1, col1, row2, col2 in merged:
+        top = row1 - first_data_row
+        if top < 0 or col1 >= frame.shape[1]:
+            continue  # a merged title above the header, or right of the table
+        value = frame.iat[top, col1]
+        for column in range(col1, min(col2, frame.shape[1] - 1) + 1):
+            frame.iloc[top : row2 - first_data_row + 1, column] = value
+
+
+def _read_text_table(path: Path, sep: str, header_row: int, encoding: str) -> pd.DataFrame:
+    options = {"sep": sep, "encoding": encoding, "dtype": str, "keep_default_na": False, "na_values": [""]}
+    try:
+        frame = pd.read_csv(path, header=header_row - 1, **options)
+        raw = pd.read_csv(path, header=None, skiprows=header_row - 1, nrows=1, **options)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not valid {encoding} text at byte {e.start}; set data.encoding "
+            "(e.g. cp1252 or latin-1 for files saved by older Excel)"
+        ) from e
+    except pd.errors.ParserError as e:
+        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+        if found is None:
+            raise DataError(f"{path}: cannot parse the table ({e}); check quoting and separators") from e
+        expected, line, saw = found.groups()
+        raise DataError(
+            f"{path}: line {line} has {saw} fields, expected {expected} like the header; quote cells that "
+            f"contain the separator ({sep!r}), or remove the extra cells"
+        ) from e
+    frame.attrs["header"] = _header_names(raw)
+    return frame
 
 
 def read_table(
@@ -76,6 +140,8 @@ def read_table(
 ) -> pd.DataFrame:
     """Any supported file as a DataFrame with stripped column names and the source row number in `_row`."""
     suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"{path} not found; check data.train / data.dev (relative to the config's folder)")
     if suffix not in SUPPORTED:
         raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
     if path.stat().st_size == 0:
@@ -83,26 +149,14 @@ def read_table(
     if suffix in (".xlsx", ".xlsm"):
         frame = _read_excel(path, sheet, header_row)
     elif suffix in (".tsv", ".csv"):
-        try:
-            frame = pd.read_csv(
-                path,
-                sep="\t" if suffix == ".tsv" else ",",
-                header=header_row - 1,
-                encoding=encoding,
-                dtype=str,
-                keep_default_na=False,
-                na_values=[""],
-            )
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{path}: not valid {encoding} text at byte {e.start}; set data.encoding "
-                "(e.g. cp1252 or latin-1 for files saved by older Excel)"
-            ) from e
+        frame = _read_text_table(path, "\t" if suffix == ".tsv" else ",", header_row, encoding)
     elif suffix == ".parquet":
         frame = pd.read_parquet(path)
     else:
         frame = pd.read_json(path, lines=True, dtype=False)
+    header = frame.attrs.get("header")
     frame.columns = [str(c).strip() for c in frame.columns]
+    frame.attrs["header"] = header or list(frame.columns)
     # Spreadsheet rows are 1-based and the header takes one, so data row i sits on line header_row + 1 + i.
     offset = header_row + 1 if suffix in (".xlsx", ".xlsm", ".tsv", ".csv") else 1
     frame[ROW] = np.arange(len(frame)) + offset
@@ -110,15 +164,38 @@ def read_table(
 
 
 def selected_columns(frame: pd.DataFrame, path: Path, columns: list[str]) -> None:
-    """Raise a DataError naming every missing column, the nearest existing name and the columns there are."""
+    """Raise a DataError naming every missing or ambiguous column, the nearest name and the fix."""
+    header = frame.attrs.get("header") or [c for c in frame.columns if c != ROW]
+    duplicated = [c for c in dict.fromkeys(columns) if header.count(c) > 1]
+    if duplicated:
+        where = "; ".join(
+            f"'{c}' in " + " and ".join(_column_name(i) for i, h in enumerate(header) if h == c)
+            for c in duplicated
+        )
+        raise DataError(f"{path}: duplicate column name {where}; rename or delete one of them")
     available = [c for c in frame.columns if c != ROW]
     missing = [c for c in columns if c not in available]
     if missing:
         details = "; ".join(f"'{c}'{did_you_mean(c, available)}" for c in missing)
         hint = ""
-        if all(c.startswith("Unnamed") for c in available[:2]):
+        unnamed = [_column_name(i) for i, h in enumerate(header) if not h]
+        if (
+            not header
+            or len(unnamed) >= max(2, len(header) - 1)
+            or all(c.startswith("Unnamed:") for c in available)
+        ):
             hint = "; the header may not be on the first row: set data.header_row"
+        elif unnamed:
+            hint = f"; {', '.join(unnamed)} has no name: give it one in the header row"
         raise DataError(f"{path}: column(s) {details} not found; columns are {available}{hint}")
+
+
+def _column_name(index: int) -> str:
+    letters, n = "", index + 1
+    while n:
+        n, rest = divmod(n - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return f"column {index + 1} ({letters})"
 
 
 def _read_file(path: Path, data: DataSettings) -> pd.DataFrame:
@@ -131,7 +208,22 @@ def _select(frame: pd.DataFrame, path: Path, columns: list[str], label_column: s
     for column in columns:
         out[column] = frame[column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
     out[LABEL] = frame[label_column].map(lambda v: None if pd.isna(v) else normalize_label(v)).astype(object)
+    out[SPELLING] = frame[label_column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
     return out
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a Prefect run (unit tests call .fn directly)
+        return logging.getLogger("loraflow.ingest")
+
+
+def label_spellings(*frames: pd.DataFrame) -> dict[str, list[str]]:
+    """Labels written more than one way (1, 1.0, "1", " 1 "): each label's spellings, as read."""
+    both = pd.concat([f[[LABEL, SPELLING]] for f in frames]).dropna()
+    spelled = both.groupby(LABEL)[SPELLING].agg(lambda v: sorted(set(v)))
+    return {label: values for label, values in spelled.items() if len(values) > 1}
 
 
 def _sort_key(label: str) -> tuple[int, float, str]:
@@ -185,6 +277,14 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
     else:
         train, dev = split_stratified(train, data.dev_fraction, data.split_seed)
     labels = infer_labels(data, train[LABEL])
+    spellings = label_spellings(train, dev)
+    if spellings:
+        _logger().warning(
+            "%s: labels written several ways, read as one label each: %s",
+            data.label_column,
+            "; ".join(f"{label} ← {', '.join(map(repr, written))}" for label, written in spellings.items()),
+        )
+    train, dev = train.drop(columns=[SPELLING]), dev.drop(columns=[SPELLING])
     with building(folder) as tmp:
         train.to_parquet(tmp / "train.parquet", index=False)
         dev.to_parquet(tmp / "dev.parquet", index=False)
@@ -195,6 +295,7 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
             "labels": labels,
             "columns": columns,
             "rows": {"train": len(train), "dev": len(dev)},
+            "label_spellings": spellings,
         }
         (tmp / "ingest.json").write_text(json.dumps(meta, indent=1))
     return Ref(path=str(folder), digest=key)

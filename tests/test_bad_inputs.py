@@ -1,0 +1,394 @@
+"""Every bad input a hand-made spreadsheet or config can bring: one table, one expected message each.
+
+Each error case runs `loraflow validate` (or `run` where the model matters) in-process under the test
+harness and checks: exit status 2, the message fragment (which names the file, row, column or field and
+the fix), no traceback on stderr, the Prefect flow run marked Failed with the same message, and no
+finished-looking output. Cases that must work (BOM, quoted tabs, formulas with values, mixed 1/1.0/"1"
+labels, emoji/RTL/CJK, ...) run the same way and check what was ingested.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from openpyxl import Workbook, load_workbook
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.sorting import FlowRunSort
+
+from loraflow.cli import main
+from tasks.ingest import LABEL, read_split
+from tasks.store import Ref
+from tests.tiny import geo_rows
+
+pytestmark = pytest.mark.flow
+TEMPLATE = "Requirement: {requirement}\nPlaces: {sample_data}"
+
+
+def write_config(folder: Path, train: str, dev: str | None = None, /, **sections: object) -> Path:
+    """A geo-shaped config over the given files; sections override (dicts merge one level)."""
+    config: dict = {
+        "name": "bad",
+        "data": {"train": train, "label_column": "score", **({"dev": dev} if dev else {})},
+        "prompt": {"template": TEMPLATE},
+        "contract": {"min_rows_per_class": 2, "min_rows": 2},
+    }
+    for key, value in sections.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def xlsx(path: Path, rows: list[list[object]], title: str = "Sheet1") -> Path:
+    book = Workbook()
+    book.active.title = title
+    for row in rows:
+        book.active.append(row)
+    book.save(path)
+    return path
+
+
+def geo_table(n: int = 20, seed: int = 0) -> list[list[object]]:
+    frame = geo_rows(n, seed)
+    return [list(frame.columns), *(list(row) for row in frame.itertuples(index=False, name=None))]
+
+
+def tsv(path: Path, frame: pd.DataFrame, **options: object) -> Path:
+    frame.to_csv(path, sep="\t", index=False, **options)
+    return path
+
+
+@dataclass
+class Case:
+    id: str
+    build: Callable[[Path], list[str]]  # writes the files into the folder; returns the CLI arguments
+    expect: str  # a regex the error message must match
+    command: str = "validate"
+
+
+def _validate(build: Callable[[Path], Path]) -> Callable[[Path], list[str]]:
+    return lambda folder: ["validate", str(build(folder))]
+
+
+def _with_train(make: Callable[[Path], Path], **sections: object) -> Callable[[Path], list[str]]:
+    """A config whose train file is made by `make(folder)`; dev is split off it."""
+    return _validate(lambda folder: write_config(folder, make(folder).name, **sections))
+
+
+def _frame_case(frame: pd.DataFrame, **sections: object) -> Callable[[Path], list[str]]:
+    return _with_train(lambda folder: tsv(folder / "train.tsv", frame), **sections)
+
+
+def _geo(changes: dict[tuple[int, str], object]) -> pd.DataFrame:
+    frame = geo_rows(20)
+    for (row, column), value in changes.items():
+        frame.loc[row, column] = value
+    return frame
+
+
+def _truncated_xlsx(folder: Path) -> Path:
+    whole = xlsx(folder / "whole.xlsx", geo_table()).read_bytes()
+    (folder / "train.xlsx").write_bytes(whole[: len(whole) // 2])
+    return folder / "train.xlsx"
+
+
+def _csv_named_xlsx(folder: Path) -> Path:
+    geo_rows(20).to_csv(folder / "train.xlsx", index=False)
+    return folder / "train.xlsx"
+
+
+def _encrypted_xlsx(folder: Path) -> Path:
+    from msoffcrypto.format.ooxml import OOXMLFile
+
+    plain = xlsx(folder / "plain.xlsx", geo_table())
+    with open(plain, "rb") as source, open(folder / "train.xlsx", "wb") as target:
+        OOXMLFile(source).encrypt("secret", target)
+    return folder / "train.xlsx"
+
+
+def _empty_sheet(folder: Path) -> Path:
+    book = Workbook()
+    book.active.title = "data"
+    book.save(folder / "train.xlsx")
+    return folder / "train.xlsx"
+
+
+def _blank_rows_above(folder: Path) -> Path:
+    return xlsx(folder / "train.xlsx", [[], [], *geo_table()])
+
+
+def _duplicate_columns(folder: Path) -> Path:
+    table = geo_table()
+    table[0] = ["requirement", "sample_data", "requirement"]
+    return xlsx(folder / "train.xlsx", [row[:3] for row in table])
+
+
+def _unnamed_column(folder: Path) -> Path:
+    table = geo_table()
+    table[0] = ["requirement", None, "score"]
+    return xlsx(folder / "train.xlsx", table)
+
+
+def _ragged(folder: Path) -> Path:
+    lines = ["requirement\tsample_data\tscore"] + [
+        f"{r}\t{s}\t{y}" for r, s, y in geo_rows(20).itertuples(index=False, name=None)
+    ]
+    lines[6] += "\textra\tcells"
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    return folder / "train.tsv"
+
+
+def _cp1252(folder: Path) -> Path:
+    frame = _geo({(3, "sample_data"): "Besançon, Düsseldorf, Málaga"})
+    frame.to_csv(folder / "train.tsv", sep="\t", index=False, encoding="cp1252")
+    return folder / "train.tsv"
+
+
+def _formula_without_value(folder: Path) -> Path:
+    table = geo_table()
+    table[5][2] = "=1-1"  # openpyxl stores the formula only: no computed value until Excel saves it
+    return xlsx(folder / "train.xlsx", table)
+
+
+def _missing_file(folder: Path) -> list[str]:
+    return ["validate", str(write_config(folder, "nowhere.xlsx"))]
+
+
+ERRORS = [
+    Case("missing-file", _missing_file, r"nowhere\.xlsx.*not found"),
+    Case(
+        "unsupported-extension",
+        _with_train(lambda f: (f / "train.txt").write_text("a\tb\n") and f / "train.txt"),
+        r"train\.txt: unsupported file type '\.txt'; use one of",
+    ),
+    Case(
+        "zero-byte",
+        _with_train(lambda f: (f / "train.tsv").write_bytes(b"") or f / "train.tsv"),
+        r"train\.tsv is empty \(0 bytes\)",
+    ),
+    Case("corrupt-xlsx", _with_train(_truncated_xlsx), r"train\.xlsx is not a valid \.xlsx workbook"),
+    Case("csv-renamed-xlsx", _with_train(_csv_named_xlsx), r"train\.xlsx .*looks like .*text.*\.csv"),
+    Case("password-xlsx", _with_train(_encrypted_xlsx), r"train\.xlsx is password-protected.*remove"),
+    Case(
+        "sheet-not-found",
+        _with_train(lambda f: xlsx(f / "train.xlsx", geo_table(), "data"), data={"sheet": "Data1"}),
+        r"sheet 'Data1' not found.*sheets are \['data'\]",
+    ),
+    Case("empty-sheet", _with_train(_empty_sheet), r"train\.xlsx.*sheet .* is empty"),
+    Case("header-not-first-row", _with_train(_blank_rows_above), r"header_row"),
+    Case(
+        "duplicate-columns",
+        _with_train(_duplicate_columns),
+        r"duplicate column name 'requirement' in column 1 \(A\) and column 3 \(C\); rename",
+    ),
+    Case("unnamed-column", _with_train(_unnamed_column), r"column 2 \(B\) has no name: give it one"),
+    Case(
+        "text-column-missing",
+        _frame_case(geo_rows(20).rename(columns={"sample_data": "sampledata"})),
+        r"'sample_data' \(did you mean 'sampledata'\?\) not found",
+    ),
+    Case(
+        "label-column-missing",
+        _frame_case(geo_rows(20).rename(columns={"score": "scores"})),
+        r"'score' \(did you mean 'scores'\?\) not found",
+    ),
+    Case(
+        "unknown-placeholder",
+        _frame_case(geo_rows(20), prompt={"template": "{requirment}: {sample_data}"}),
+        r"'requirment' \(did you mean 'requirement'\?\) not found",
+    ),
+    Case(
+        "empty-text-cells",
+        _frame_case(_geo({(2, "sample_data"): None})),
+        r"not_be_null on column 'sample_data'.*row=4",
+    ),
+    Case(
+        "whitespace-text-cells",
+        _frame_case(_geo({(5, "requirement"): "   "})),
+        r"not_match_regex on column 'requirement'.*row=7",
+    ),
+    Case("nan-labels", _frame_case(_geo({(4, "score"): None})), r"not_be_null on column 'label'.*row=6"),
+    Case(
+        "label-outside-set",
+        _frame_case(_geo({(4, "score"): 7}), data={"labels": [0, 1]}),
+        r"be_in_set on column 'label'.*label='7'",
+    ),
+    Case(
+        "one-class",
+        _frame_case(geo_rows(20).assign(score=1)),
+        r"at_least_two_classes on column 'label': observed \['1'\].*at least two labels",
+    ),
+    Case(
+        "too-few-rows-in-a-class",
+        _frame_case(geo_rows(20), contract={"min_rows_per_class": 12}),
+        r"rows_per_class_at_least.*label='0', rows=8, needed=12.*lower contract\.min_rows_per_class",
+    ),
+    Case(
+        "dev-label-unseen",
+        _validate(
+            lambda f: write_config(
+                f,
+                tsv(f / "train.tsv", geo_rows(20)).name,
+                tsv(f / "dev.tsv", _geo({(1, "score"): 2})).name,
+            )
+        ),
+        r"dev: expect_column_values_to_be_in_set on column 'label'.*label='2'",
+    ),
+    Case("cp1252-tsv", _with_train(_cp1252), r"not valid utf-8.*set data\.encoding \(e\.g\. cp1252"),
+    Case("ragged-rows", _with_train(_ragged), r"train\.tsv.*line 7.*5 fields.*expected 3"),
+    Case(
+        "formula-without-value",
+        _with_train(_formula_without_value),
+        r"train\.xlsx: sheet 'Sheet1': cell\(s\) C6 hold a formula with no saved value.*save it in Excel",
+    ),
+    Case(
+        "invalid-yaml",
+        lambda f: [
+            "validate",
+            str((f / "c.yaml").write_text("data: {train: t.tsv\nprompt: x\n") and f / "c.yaml"),
+        ],
+        r"c\.yaml: invalid YAML at line \d+, column \d+",
+    ),
+    Case(
+        "unknown-config-key",
+        _frame_case(geo_rows(20), train={"learning_rate": 0.1}),
+        r"config\.yaml: 1 problem\(s\):\n  - train\.learning_rate: unknown key \(did you mean 'lr'\?\)",
+    ),
+    Case("lora-r-zero", _frame_case(geo_rows(20), lora={"r": 0}), r"lora\.r.*greater than or equal to 1"),
+    Case("negative-lr", _frame_case(geo_rows(20), train={"lr": -0.1}), r"train\.lr.*greater than 0"),
+    Case(
+        "model-offline",
+        lambda f: [
+            "run",
+            str(write_config(f, tsv(f / "t.tsv", geo_rows(20)).name, model={"name": "acme/nope-1b"})),
+        ],
+        r"acme/nope-1b.*hub.*unreachable.*local folder.*HF_TOKEN",
+        command="run",
+    ),
+]
+
+
+def _latest_flow_run_message() -> tuple[str, str]:
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return run.state.name, run.state.message or ""
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[c.id for c in ERRORS])
+def test_a_bad_input_fails_with_a_clear_message(
+    case: Case, prefect_server: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = case.build(tmp_path)
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert re.search(case.expect, error, re.S), error
+    assert "Traceback" not in error
+    assert error.count("\n") < 40  # one message, not a log dump
+    if (
+        not args[1].endswith(("c.yaml",))
+        and "config" not in case.id
+        and case.id
+        not in (
+            "lora-r-zero",
+            "negative-lr",
+            "unknown-placeholder",
+        )
+    ):
+        state, message = _latest_flow_run_message()
+        assert state == "Failed" and re.search(case.expect, message, re.S), message
+    runs = tmp_path / "runs" / "bad"
+    finished = [p for p in runs.glob("2*")] if runs.is_dir() else []
+    assert not finished  # nothing that looks like a finished run
+
+
+def _ingested(tmp_path: Path) -> pd.DataFrame:
+    store = tmp_path / "runs" / "bad" / "work"
+    [folder] = store.glob("ingest-*")
+    return pd.concat([read_split(Ref(path=str(folder), digest="x"), s) for s in ("train", "dev")])
+
+
+def _ok(args: list[str]) -> None:
+    assert main(args) == 0
+
+
+def test_utf8_bom_windows_line_endings_and_quoted_tabs_and_newlines(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    frame = _geo({(0, "sample_data"): 'Lima\t"Zurich"\nCairo', (1, "requirement"): "in the\r\nmountains"})
+    frame.to_csv(tmp_path / "train.csv", index=False, encoding="utf-8-sig", lineterminator="\r\n")
+    _ok(["validate", str(write_config(tmp_path, "train.csv"))])
+    got = _ingested(tmp_path).sort_values("_row")
+    assert got.columns[1] == "requirement"  # no BOM glued to the first header
+    assert 'Lima\t"Zurich"\nCairo' in got["sample_data"].tolist()
+
+
+def test_mixed_label_spellings_are_one_label_and_reported(prefect_server: None, tmp_path: Path) -> None:
+    table = geo_table()
+    for i, spelling in ((1, "1"), (3, 1.0), (5, " 1 "), (2, "0.0")):
+        table[i][2] = spelling
+    xlsx(tmp_path / "train.xlsx", table)
+    _ok(["validate", str(write_config(tmp_path, "train.xlsx"))])
+    assert set(_ingested(tmp_path)[LABEL]) == {"0", "1"}
+    [folder] = (tmp_path / "runs" / "bad" / "work").glob("ingest-*")
+    spellings = json.loads((folder / "ingest.json").read_text())["label_spellings"]
+    assert spellings == {"0": ["0", "0.0"], "1": [" 1 ", "1"]}  # Excel stores the number 1.0 as 1
+
+
+def test_excel_formulas_use_saved_values_and_merged_cells_take_the_top_left_value(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    path = xlsx(tmp_path / "train.xlsx", geo_table())
+    book = load_workbook(path)
+    sheet = book.active
+    sheet["C3"] = "=2-1"
+    sheet["A10"] = "in the mountains"
+    sheet.merge_cells("A10:A12")  # one requirement shown across three rows
+    book.save(path)
+    _with_cached_value(path, "C3", "1")
+    _ok(["validate", str(write_config(tmp_path, "train.xlsx"))])
+    got = _ingested(tmp_path).set_index("_row").sort_index()
+    assert got.loc[3, LABEL] == "1"  # the value, never "=2-1"
+    assert got.loc[10:12, "requirement"].tolist() == ["in the mountains"] * 3
+
+
+def _with_cached_value(path: Path, cell: str, value: str) -> None:
+    """Add the computed value Excel stores beside a formula (openpyxl writes the formula only)."""
+    with zipfile.ZipFile(path) as source:
+        members = {name: source.read(name) for name in source.namelist()}
+    sheet = "xl/worksheets/sheet1.xml"
+    xml = members[sheet].decode()
+    xml = re.sub(
+        rf'(<c r="{cell}"[^>]*>)<f>([^<]*)</f>(<v\s*/>|<v></v>)?', rf"\1<f>\2</f><v>{value}</v>", xml
+    )
+    members[sheet] = xml.encode()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for name, data in members.items():
+            target.writestr(name, data)
+
+
+def test_emoji_rtl_and_cjk_round_trip(prefect_server: None, tmp_path: Path) -> None:
+    texts = ["Lima 🌊, Zurich 🏔️", "القاهرة، الدوحة", "東京、大阪", "Zürich, Besançon"]
+    frame = geo_rows(20)
+    frame.loc[: len(texts) - 1, "sample_data"] = texts
+    xlsx(tmp_path / "train.xlsx", [list(frame.columns), *frame.itertuples(index=False, name=None)])
+    _ok(["validate", str(write_config(tmp_path, "train.xlsx"))])
+    assert set(texts) <= set(_ingested(tmp_path)["sample_data"])
+
+
+def test_a_100k_row_table_ingests(prefect_server: None, tmp_path: Path) -> None:
+    frame = pd.concat([geo_rows(100)] * 1000, ignore_index=True)
+    frame["sample_data"] += pd.Series(range(len(frame))).astype(str)  # distinct rows
+    tsv(tmp_path / "train.tsv", frame)
+    _ok(["validate", str(write_config(tmp_path, "train.tsv"))])
+    assert len(_ingested(tmp_path)) == 100_000
+    assert json.loads(
+        (next((tmp_path / "runs" / "bad" / "work").glob("contract-*")) / "contract.json").read_text()
+    )["success"]
