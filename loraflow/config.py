@@ -163,6 +163,11 @@ class ModelSettings(_Settings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto = bfloat16 on a GPU that supports it, else float32."
     )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Accept a local model whose weights are pickle files (.bin/.pt), which can run code "
+        "when loaded; they are converted to safetensors once. Only for sources you trust.",
+    )
 
 
 class LoraSettings(_Settings):

@@ -17,3 +17,7 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """The model cannot be resolved or loaded; the message says how to point at one that can."""
+
+
+class ResourceError(UserError):
+    """The machine ran out of something (GPU memory); the message says which settings to lower."""

@@ -28,7 +28,7 @@ from loraflow.config import ClassifierSettings, EvalSettings, LoraSettings, Trai
 from loraflow.errors import ConfigError
 from tasks.evaluate import save_evaluation, softmax
 from tasks.ingest import LABEL, read_meta, read_split
-from tasks.launch import train_in_processes
+from tasks.launch import train_once
 from tasks.merge import CHECK_ROWS, merge_checked, save_merged
 from tasks.models import load_tokenizer, pick_dtype, uses_bf16
 from tasks.prompts import render
@@ -249,14 +249,8 @@ def train_classifier_head(
         "train-cls", encoded.digest, model.digest, lora, train, classifier.class_weights, dtype, processes
     )
     folder = work_dir(store, "train-cls", key)
-    if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
     arguments = {"folder": folder, "encoded": encoded, "model": model, "lora": lora, "train": train}
-    arguments |= {"classifier": classifier}
-    if processes > 1:
-        train_in_processes("classifier", arguments | {"dtype": dtype}, processes, uses_bf16(dtype))
-    else:
-        train_classifier_into(**arguments, dtype=dtype)
+    train_once("classifier", arguments | {"classifier": classifier}, processes, dtype)
     return Ref(path=str(folder), digest=key)
 
 

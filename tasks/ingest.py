@@ -7,7 +7,6 @@ read twice. When no dev file is given, a seeded stratified split of train is hel
 from __future__ import annotations
 
 import json
-import logging
 import re
 import zipfile
 from pathlib import Path
@@ -15,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.exceptions import MissingContextError
 
 from loraflow.config import DataSettings, did_you_mean, normalize_label
 from loraflow.errors import DataError
@@ -29,6 +27,7 @@ from tasks.store import (
     digest_of,
     is_complete,
     retry_unless_user_error,
+    run_logger,
     sha256_file,
     work_dir,
 )
@@ -212,13 +211,6 @@ def _select(frame: pd.DataFrame, path: Path, columns: list[str], label_column: s
     return out
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called outside a Prefect run (unit tests call .fn directly)
-        return logging.getLogger("loraflow.ingest")
-
-
 def label_spellings(*frames: pd.DataFrame) -> dict[str, list[str]]:
     """Labels written more than one way (1, 1.0, "1", " 1 "): each label's spellings, as read."""
     both = pd.concat([f[[LABEL, SPELLING]] for f in frames]).dropna()
@@ -279,7 +271,7 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
     labels = infer_labels(data, train[LABEL])
     spellings = label_spellings(train, dev)
     if spellings:
-        _logger().warning(
+        run_logger().warning(
             "%s: labels written several ways, read as one label each: %s",
             data.label_column,
             "; ".join(f"{label} ← {', '.join(map(repr, written))}" for label, written in spellings.items()),

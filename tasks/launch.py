@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from loraflow.config import ClassifierSettings, LoraSettings, TrainSettings
-from tasks.store import Ref, is_complete
+from tasks.models import uses_bf16
+from tasks.store import Ref, exclusive, is_complete
 
 # The arguments of each step's training function, and how to rebuild them from JSON.
 STEPS: dict[str, dict[str, Any]] = {
@@ -95,6 +96,19 @@ def run_step(step: str, arguments: dict[str, Any]) -> None:
         from tasks.train import train_generative_adapter
 
         train_generative_adapter(**arguments)
+
+
+def train_once(step: str, arguments: dict[str, Any], processes: int, dtype: str) -> None:
+    """Train into `arguments["folder"]` unless a finished result is there; one training per folder at a
+    time on this host (a concurrent run of the same config waits, then reuses the result)."""
+    folder = Path(arguments["folder"])
+    with exclusive(folder):
+        if is_complete(folder):
+            return
+        if processes > 1:
+            train_in_processes(step, arguments | {"dtype": dtype}, processes, uses_bf16(dtype))
+        else:
+            run_step(step, arguments | {"dtype": dtype})
 
 
 def train_in_processes(step: str, arguments: dict[str, Any], processes: int, bf16: bool) -> None:

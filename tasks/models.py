@@ -188,10 +188,53 @@ def resolve_model(model: ModelSettings, cache_dir: str) -> Ref:
                 f"model folder {local} has no config.json; point model.name at a Hugging Face model "
                 "folder (config.json, *.safetensors, tokenizer files)"
             )
+        _check_safe_to_load(local, model)
+        if model.allow_pickle_weights and not any(local.glob("*.safetensors")):
+            return _to_safetensors(local, cache / "models")
         return Ref(path=str(local.resolve()), digest=_local_digest(local))
     if model.name.startswith((".", "/", "~")):
         raise ModelError(f"model folder {local} not found")
     return _download(model, cache)
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _check_safe_to_load(folder: Path, model: ModelSettings) -> None:
+    """Weights load from safetensors only, and code from a model folder never runs (no opt-out here)."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("auto_map"):
+        raise ModelError(
+            f"model folder {folder} needs custom code (auto_map in config.json): loraflow does not run code "
+            "shipped with a model; use a model that transformers supports natively"
+        )
+    if not any(folder.glob("*.safetensors")) and not model.allow_pickle_weights:
+        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+        if pickled:
+            raise ModelError(
+                f"model folder {folder} has pickle-based weights only ({', '.join(pickled)}), which can run "
+                "code when loaded; convert them to safetensors, or set model.allow_pickle_weights: true "
+                "if you trust their source"
+            )
+
+
+def _to_safetensors(folder: Path, cache_dir: Path) -> Ref:
+    """A safetensors copy of a model folder with pickle-based weights (opted in by the config)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    digest = _local_digest(folder)
+    target = cache_dir / f"safetensors-{digest}"
+    if not is_complete(target):
+        config = AutoConfig.from_pretrained(folder)
+        architecture = (config.architectures or ["AutoModel"])[0]
+        import transformers
+
+        loader = getattr(transformers, architecture, AutoModel)
+        network = loader.from_pretrained(folder, use_safetensors=False)
+        with building(target) as tmp:
+            network.save_pretrained(tmp)  # safetensors
+            AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+    return Ref(path=str(target), digest=digest)
 
 
 def read_model_info(folder: str | Path) -> dict[str, Any]:

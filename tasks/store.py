@@ -8,8 +8,10 @@ with a manifest of file hashes, so nothing half-written ever looks finished.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -18,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict
 
 from loraflow.errors import UserError
@@ -64,6 +68,14 @@ CONTENT_CACHE = INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_code_and_s
 def retry_unless_user_error(_task: Any, _task_run: Any, state: Any) -> bool:
     """Retry transient faults (a flaky read, a hub timeout); a user's mistake fails the same way twice."""
     return not isinstance(state.result(raise_on_failure=False), UserError)
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a run; a plain logger when a task function is called directly."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("loraflow")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -119,12 +131,31 @@ def building(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         write_manifest(tmp)
-        if final.exists():  # an earlier identical result; keep one copy
+        if is_complete(final):  # a concurrent run finished the same result first: keep that one
+            return
+        if final.exists():  # an unfinished leftover (no manifest): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold a lock named after `folder` (an flock on a sibling .lock file) for the duration.
+
+    Two runs of the same config on one host compute the same folders; for long steps (training) the
+    second waits here and then finds the first one's finished result instead of training into the same
+    checkpoints. The lock is released by the OS if the holder dies.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f"{folder.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -24,8 +24,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from loraflow.config import LoraSettings, TrainSettings
+from loraflow.errors import ResourceError
 from tasks.evaluate import encode_choices
-from tasks.launch import train_in_processes
+from tasks.launch import train_once
 from tasks.models import load_causal_lm, load_tokenizer, uses_bf16
 from tasks.prompts import COMPLETION, PROMPT, read_prompts
 from tasks.store import (
@@ -33,8 +34,8 @@ from tasks.store import (
     Ref,
     building,
     digest_of,
-    is_complete,
     retry_unless_user_error,
+    run_logger,
     work_dir,
 )
 
@@ -141,8 +142,27 @@ def fit_adapter(
 def train_resuming(trainer: Trainer, checkpoints: Path) -> int:
     """`trainer.train`, resumed from the last checkpoint in `checkpoints`; returns its step (0 = fresh)."""
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError as e:
+        raise ResourceError(out_of_memory_advice(trainer.args, str(e).splitlines()[0])) from e
     return int(Path(resume).name.split("-")[-1]) if resume else 0
+
+
+def out_of_memory_advice(args: Any, detail: str) -> str:
+    """What to change when training runs out of GPU memory, with the numbers to use."""
+    batch, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    smaller = max(batch // 2, 1)
+    steps = [
+        f"set train.batch_size: {smaller} and train.grad_accum: {accum * batch // smaller} (the same "
+        "effective batch)"
+        if batch > 1
+        else "train.batch_size is already 1",
+    ]
+    if not args.gradient_checkpointing:
+        steps.append("set train.gradient_checkpointing: true (less memory, ~30% slower)")
+    steps.append("or lower train.max_length")
+    return f"out of GPU memory while training ({detail}); " + "; ".join(steps)
 
 
 def save_trained(
@@ -166,6 +186,12 @@ def save_trained(
         "truncated_rows": truncated_rows,
         "device": str(trainer.args.device),
     }
+    if truncated_rows:
+        run_logger().warning(
+            "%d train row(s) are longer than train.max_length tokens and were truncated (counted in "
+            "metrics.json); raise train.max_length to keep them whole",
+            truncated_rows,
+        )
     with building(folder) as tmp:
         trainer.save_model(str(tmp / "adapter"))
         trainer.processing_class.save_pretrained(str(tmp / "adapter"))
@@ -211,13 +237,8 @@ def train_adapter(
     """
     key = digest_of("train", prompts.digest, model.digest, lora, train, dtype, processes)
     folder = work_dir(store, "train", key)
-    if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
     arguments = {"folder": folder, "prompts": prompts, "model": model, "lora": lora, "train": train}
-    if processes > 1:
-        train_in_processes("generative", arguments | {"dtype": dtype}, processes, uses_bf16(dtype))
-    else:
-        train_generative_adapter(**arguments, dtype=dtype)
+    train_once("generative", arguments, processes, dtype)
     return Ref(path=str(folder), digest=key)
 
 

@@ -392,3 +392,26 @@ def test_a_100k_row_table_ingests(prefect_server: None, tmp_path: Path) -> None:
     assert json.loads(
         (next((tmp_path / "runs" / "bad" / "work").glob("contract-*")) / "contract.json").read_text()
     )["success"]
+
+
+def test_very_long_cells_are_truncated_counted_and_reported(
+    prefect_server: None, tmp_path: Path, tiny_model: Path
+) -> None:
+    frame = geo_rows(20)
+    frame.loc[[0, 3, 6], "sample_data"] = "Lima, Zurich, Cairo, Oslo, " * 40  # far beyond max_length
+    tsv(tmp_path / "train.tsv", frame)
+    config = write_config(
+        tmp_path,
+        "train.tsv",
+        model={"name": str(tiny_model)},
+        train={"max_steps": 2, "batch_size": 4, "max_length": 320},
+        eval={"baseline": False},
+    )
+    _ok(["run", str(config)])
+    [run] = (tmp_path / "runs" / "bad").glob("2*")
+    metrics = json.loads((run / "metrics.json").read_text())
+    [folder] = (tmp_path / "runs" / "bad" / "work").glob("ingest-*")
+    train = read_split(Ref(path=str(folder), digest="x"), "train")
+    long_in_train = int((train["sample_data"].str.len() > 500).sum())
+    assert metrics["train"]["truncated_rows"] == long_in_train >= 1
+    assert "truncated row(s)" in (run / "report.md").read_text()
