@@ -163,6 +163,11 @@ class ModelSettings(_Settings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto = bfloat16 on a GPU that supports it, else float32."
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code a model ships with (auto_map in config.json); off by default, "
+        "logged as a warning when on. Only for repositories you trust.",
+    )
     allow_pickle_weights: bool = Field(
         False,
         description="Accept a local model whose weights are pickle files (.bin/.pt), which can run code "

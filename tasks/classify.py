@@ -30,7 +30,7 @@ from tasks.evaluate import save_evaluation, softmax
 from tasks.ingest import LABEL, read_meta, read_split
 from tasks.launch import train_once
 from tasks.merge import CHECK_ROWS, merge_checked, save_merged
-from tasks.models import load_tokenizer, pick_dtype, uses_bf16
+from tasks.models import load_tokenizer, pick_dtype, trusts_code, uses_bf16
 from tasks.prompts import render
 from tasks.store import (
     CONTENT_CACHE,
@@ -153,6 +153,7 @@ def load_classifier(path: str | Path, labels: list[str], tokenizer: Any, dtype: 
             label2id={label: i for i, label in enumerate(labels)},
             problem_type="single_label_classification",
             dtype=pick_dtype(dtype),
+            trust_remote_code=trusts_code(path),
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -331,6 +332,7 @@ def merge_classifier(adapter: Ref, model: Ref, encoded: Ref, max_length: int, dt
         "columns": label_map["columns"],
         "template": label_map["template"],
         "max_length": max_length,
+        "trust_remote_code": trusts_code(model.path),
         "merge_check": {"rows": len(rows), "max_abs_diff": difference},
     }
     save_merged(folder, merged, tokenizer, dtype, info)

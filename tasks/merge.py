@@ -18,7 +18,7 @@ from prefect import task
 
 from loraflow.config import PromptSettings
 from tasks.evaluate import score_labels
-from tasks.models import load_causal_lm, load_tokenizer
+from tasks.models import load_causal_lm, load_tokenizer, trusts_code
 from tasks.prompts import PROMPT, read_answers, read_prompts
 from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
 
@@ -47,6 +47,7 @@ def merge_adapter(
         "labels": labels,
         "answers": answers,
         "prompt": prompt.model_dump(mode="json"),
+        "trust_remote_code": trusts_code(model.path),
         "merge_check": {"rows": len(rows), "max_abs_diff": difference},
     }
     save_merged(folder, merged, tokenizer, dtype, info)

@@ -26,7 +26,9 @@ from tasks.store import (
     building,
     digest_of,
     is_complete,
+    link_tree,
     retry_unless_user_error,
+    run_logger,
     sha256_file,
 )
 
@@ -69,11 +71,24 @@ def uses_bf16(setting: str) -> bool:
     return pick_dtype(setting) == torch.bfloat16
 
 
+TRUST_MARKER = ".loraflow-trusts-remote-code"  # in a resolved model folder the config opted in for
+
+
+def trusts_code(path: str | Path) -> bool:
+    """Whether the config that resolved this model folder opted in to running the code shipped with it
+    (a marker in the resolved copy; `trust_remote_code` in loraflow.json for a merged model)."""
+    folder = Path(path)
+    if (folder / TRUST_MARKER).is_file():
+        return True
+    info = folder / "loraflow.json"
+    return info.is_file() and bool(json.loads(info.read_text()).get("trust_remote_code"))
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The model's tokenizer, with a pad token (eos when it has none) so batches > 1 work."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trusts_code(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -83,7 +98,9 @@ def load_causal_lm(path: str | Path, dtype: str = "auto") -> Any:
     """A causal LM from a resolved folder, on the best device, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=pick_dtype(dtype), trust_remote_code=trusts_code(path)
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
@@ -144,7 +161,15 @@ def _download(model: ModelSettings, cache_dir: Path) -> Ref:
             revision=model.revision,
             token=hf_token(),
             cache_dir=cache_dir / "hub",
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+            allow_patterns=[
+                "*.json",
+                "*.safetensors",
+                "*.model",
+                "*.txt",
+                "*.jinja",
+                "*.tiktoken",
+                *(["*.py"] if model.trust_remote_code else []),  # shipped code: only when opted in
+            ],
         )
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise ModelError(
@@ -160,6 +185,9 @@ def _download(model: ModelSettings, cache_dir: Path) -> Ref:
             "holding the model (config.json + safetensors + tokenizer), use embedded:smollm2-135m-instruct, "
             "or, where the hub is reachable, set HF_TOKEN for a gated model"
         ) from e
+    _check_safe_to_load(Path(path), model)
+    if model.trust_remote_code:
+        return _trusted_copy(Path(path), cache_dir / "models")
     return Ref(path=path, digest=digest_of(model.name, Path(path).name))
 
 
@@ -191,6 +219,8 @@ def resolve_model(model: ModelSettings, cache_dir: str) -> Ref:
         _check_safe_to_load(local, model)
         if model.allow_pickle_weights and not any(local.glob("*.safetensors")):
             return _to_safetensors(local, cache / "models")
+        if model.trust_remote_code:
+            return _trusted_copy(local, cache / "models")
         return Ref(path=str(local.resolve()), digest=_local_digest(local))
     if model.name.startswith((".", "/", "~")):
         raise ModelError(f"model folder {local} not found")
@@ -203,10 +233,15 @@ PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 def _check_safe_to_load(folder: Path, model: ModelSettings) -> None:
     """Weights load from safetensors only, and code from a model folder never runs (no opt-out here)."""
     config = json.loads((folder / "config.json").read_text())
-    if config.get("auto_map"):
+    if config.get("auto_map") and not model.trust_remote_code:
         raise ModelError(
-            f"model folder {folder} needs custom code (auto_map in config.json): loraflow does not run code "
-            "shipped with a model; use a model that transformers supports natively"
+            f"model folder {folder} needs custom code (auto_map in config.json), which loraflow does not run "
+            "unless the config says model.trust_remote_code: true; set it only for a repository you "
+            "trust, or use a model that transformers supports natively"
+        )
+    if model.trust_remote_code:
+        run_logger().warning(
+            "model.trust_remote_code is on: Python code shipped with %s will run in this process", folder
         )
     if not any(folder.glob("*.safetensors")) and not model.allow_pickle_weights:
         pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
@@ -216,6 +251,17 @@ def _check_safe_to_load(folder: Path, model: ModelSettings) -> None:
                 "code when loaded; convert them to safetensors, or set model.allow_pickle_weights: true "
                 "if you trust their source"
             )
+
+
+def _trusted_copy(folder: Path, cache_dir: Path) -> Ref:
+    """A linked copy of the model folder marked as trusted, so every loader may run its shipped code."""
+    digest = _local_digest(folder)
+    target = cache_dir / f"trusted-{digest}"
+    if not is_complete(target):
+        with building(target) as tmp:
+            link_tree(folder, tmp)
+            (tmp / TRUST_MARKER).write_text("model.trust_remote_code: true in the config that resolved it\n")
+    return Ref(path=str(target), digest=digest)
 
 
 def _to_safetensors(folder: Path, cache_dir: Path) -> Ref:

@@ -25,7 +25,7 @@ from flows.validate import validate_data
 from loraflow.config import ModelSettings, load_config
 from loraflow.errors import DataError, ModelError, ResourceError
 from tasks.ingest import ingest_table
-from tasks.models import resolve_model
+from tasks.models import load_causal_lm, resolve_model
 from tasks.prompts import format_prompts
 from tasks.store import Ref, building, is_complete
 from tasks.train import train_adapter
@@ -209,7 +209,25 @@ def test_models_load_from_safetensors_only_and_never_run_shipped_code(
     custom = tmp_path / "custom"
     shutil.copytree(tiny_model, custom)
     settings = json.loads((custom / "config.json").read_text())
-    settings["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (custom / "modeling_shipped.py").write_text(SHIPPED_CODE % str(tmp_path / "shipped-code-ran"))
+    settings["auto_map"] = {"AutoModelForCausalLM": "modeling_shipped.ShippedForCausalLM"}
     (custom / "config.json").write_text(json.dumps(settings))
-    with pytest.raises(ModelError, match="does not run code shipped with a model"):
+    with pytest.raises(ModelError, match=r"needs custom code.*model\.trust_remote_code: true"):
         resolve_model.fn(ModelSettings(name=str(custom)), cache)
+    assert not (tmp_path / "shipped-code-ran").exists()
+
+    trusted = resolve_model.fn(ModelSettings(name=str(custom), trust_remote_code=True), cache)
+    model = load_causal_lm(trusted.path, "float32")  # opted in: the shipped class is the one loaded
+    assert type(model).__name__ == "ShippedForCausalLM" and (tmp_path / "shipped-code-ran").exists()
+    assert not (custom / ".loraflow-trusts-remote-code").exists()  # the user's folder is left as it was
+
+
+SHIPPED_CODE = """
+from pathlib import Path
+from transformers import LlamaForCausalLM
+
+class ShippedForCausalLM(LlamaForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        Path(%r).touch()  # proof that this file's code ran
+"""
