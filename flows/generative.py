@@ -11,6 +11,7 @@ from prefect import flow
 from flows.fit import fit_anywhere, work_store
 from loraflow.config import LoraflowConfig
 from tasks.contracts import check_contract
+from tasks.hub import push_to_hub
 from tasks.ingest import ingest_table
 from tasks.prompts import format_prompts
 from tasks.report import write_run_folder
@@ -27,4 +28,7 @@ def train_generative(config: LoraflowConfig) -> str:
     contract = check_contract(splits, config.input_columns, config.contract, store)
     prompts = format_prompts(splits, config.prompt, config.data.answers, store)
     fitted = fit_anywhere(config, prompts, store)
-    return write_run_folder(config, splits, contract, **fitted)
+    run_dir = write_run_folder(config, splits, contract, **fitted)
+    if config.hub.repo_id:
+        push_to_hub(run_dir, config.hub)
+    return run_dir

@@ -1,4 +1,4 @@
-"""The `loraflow` command: `run | validate | retrain | notify CONFIG.yaml`, `predict`, `demo`.
+"""The `loraflow` command: `run | validate | retrain | notify | runs CONFIG`, `predict`, `compare`, `demo`.
 
 Flows run locally on Prefect's ephemeral server (no server to start). User errors print a short message
 and exit non-zero, without a traceback.
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from loraflow.config import LoraflowConfig, load_config
 from loraflow.errors import UserError
+from loraflow.runs import compare_runs, runs_table
 
 if TYPE_CHECKING:  # prefect is imported after ENV_DEFAULTS are applied
     from prefect import Flow
@@ -167,6 +168,9 @@ def _notify(config: LoraflowConfig) -> int:
 def _run_config_command(args: argparse.Namespace) -> int:
     config = load_config(DEMO_CONFIG if args.command == "demo" else args.config, args.overrides)
     _quiet_user_error_tracebacks()
+    if args.command == "runs":
+        print(runs_table(config))
+        return 0
     if args.command == "validate":
         return _validate(config)
     if args.command == "notify":
@@ -215,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--header-row", type=int, default=1, help="1-based row of the column names")
     predict.add_argument("--encoding", default="utf-8", help="text encoding of .csv/.tsv input")
     predict.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    runs = commands.add_parser("runs", help="list a config's finished runs with their key metrics")
+    runs.add_argument("config")
+    runs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    compare = commands.add_parser("compare", help="two runs' config differences and metrics side by side")
+    compare.add_argument("runs", nargs=2, metavar="RUN_FOLDER")
     demo = commands.add_parser("demo", help="run examples/geo/config.yaml on the embedded model")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
@@ -229,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             _quiet_user_error_tracebacks()
             code = _predict(args)
+        elif args.command == "compare":
+            print(compare_runs(*args.runs))
+            return 0
         else:
             code = _run_config_command(args)
     except UserError as e:
@@ -240,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"finished in {time.perf_counter() - started:.1f} s")
+    if args.command != "runs":
+        print(f"finished in {time.perf_counter() - started:.1f} s")
     return code
 
 

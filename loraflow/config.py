@@ -209,6 +209,11 @@ class TrainSettings(_Settings):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; a re-run resumes from the last.")
     logging_steps: int = Field(5, ge=1, description="Log loss every N steps.")
     seed: int = Field(42, description="Seed for data order, dropout and LoRA init.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://host:5000, file:./mlruns): training is also logged there "
+        "(needs mlflow installed). TensorBoard event files always go to the run folder.",
+    )
 
 
 class EvalSettings(_Settings):
@@ -227,6 +232,22 @@ class ContractSettings(_Settings):
     extra_suite: Path | None = Field(
         None, description="Great Expectations suite JSON with extra expectations, e.g. data_contracts/x.json."
     )
+
+
+class HubSettings(_Settings):
+    """Optional publishing of the merged model to the Hugging Face hub after each run."""
+
+    repo_id: str | None = Field(
+        None, description="Hub repository (user/name) to push merged/ and its model card to; empty = no push."
+    )
+    private: bool = Field(True, description="Create the repository as private if it does not exist.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _user_slash_name(cls, value: str | None) -> str | None:
+        if value is not None and value.count("/") != 1:
+            raise ValueError(f"expected user/name (or org/name), got {value!r}")
+        return value
 
 
 class ComputeSettings(_Settings):
@@ -270,6 +291,7 @@ class LoraflowConfig(_Settings):
     eval: EvalSettings = EvalSettings()
     contract: ContractSettings = ContractSettings()
     compute: ComputeSettings = ComputeSettings()
+    hub: HubSettings = HubSettings()
     output_dir: Path = Field(Path("runs"), description="Folder that holds runs and the work cache.")
     registry: Path = Field(
         Path("models"),

@@ -41,7 +41,15 @@ from tasks.store import (
     retry_unless_user_error,
     work_dir,
 )
-from tasks.train import build_lora_config, save_trained, train_resuming, trainer_arguments, training_callbacks
+from tasks.train import (
+    build_lora_config,
+    save_trained,
+    tracking_setup,
+    train_resuming,
+    trainer_arguments,
+    training_callbacks,
+    work_settings,
+)
 
 TEXT, TEXT_PAIR, LABEL_ID = "text", "text_pair", "label_id"
 LABEL_MAP = "labels.json"
@@ -202,6 +210,7 @@ def fit_classifier(
     checkpoints: Path,
 ) -> tuple[Trainer, int]:
     """Train LoRA + the new head on tokenized rows; resume from the last checkpoint in `checkpoints`."""
+    tracking_setup(train)
     tokenizer = classifier_tokenizer(model_path)
     set_seed(train.seed)  # the head's and LoRA's initial weights come from the global RNG
     network = get_peft_model(
@@ -247,7 +256,14 @@ def train_classifier_head(
     With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
     """
     key = digest_of(
-        "train-cls", encoded.digest, model.digest, lora, train, classifier.class_weights, dtype, processes
+        "train-cls",
+        encoded.digest,
+        model.digest,
+        lora,
+        work_settings(train),
+        classifier.class_weights,
+        dtype,
+        processes,
     )
     folder = work_dir(store, "train-cls", key)
     arguments = {"folder": folder, "encoded": encoded, "model": model, "lora": lora, "train": train}

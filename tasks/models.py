@@ -168,6 +168,7 @@ def _download(model: ModelSettings, cache_dir: Path) -> Ref:
                 "*.txt",
                 "*.jinja",
                 "*.tiktoken",
+                "README.md",  # the model card: its license goes into the fine-tuned model's card
                 *(["*.py"] if model.trust_remote_code else []),  # shipped code: only when opted in
             ],
         )

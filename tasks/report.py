@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from loraflow.config import LoraflowConfig, dump_config
+from tasks.card import base_model_origin, render_model_card
 from tasks.evaluate import read_evaluation
 from tasks.ingest import read_meta
+from tasks.models import default_cache_dir
+from tasks.plots import draw_plots
 from tasks.store import Ref, link_tree, write_manifest
 from tasks.train import read_train_stats
 
@@ -67,8 +70,8 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_report(metrics: dict[str, Any], run_dir: Path) -> str:
-    """report.md: summary, per-class table, confusion matrix and training figures."""
+def render_report(metrics: dict[str, Any], run_dir: Path, plots: list[str] | None = None) -> str:
+    """report.md: summary, per-class table, confusion matrix, training figures and the plots."""
     labels = metrics["labels"]
     ft = metrics["finetuned"]
     base = metrics["baseline"]
@@ -108,9 +111,10 @@ def render_report(metrics: dict[str, Any], run_dir: Path) -> str:
         f"{t['final_loss']:.4f}, peak RSS {t['peak_rss_mb']:.0f} MB, {t['truncated_rows']} truncated row(s).",
         f"Evaluation: {metrics['eval']['rows_per_second']:.1f} dev rows/s.",
         "",
-        f"Run folder: `{run_dir}`",
-        "",
     ]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in plots] + [""]
+    lines += [f"Run folder: `{run_dir}`", ""]
     return "\n".join(lines)
 
 
@@ -157,12 +161,19 @@ def write_run_folder(
         link_tree(Path(contract.path) / "contract.json", tmp / "contract.json")
         link_tree(Path(adapter.path) / "adapter", tmp / "adapter")
         link_tree(Path(adapter.path) / "log_history.json", tmp / "adapter" / "log_history.json")
+        if (Path(adapter.path) / "tensorboard").is_dir():
+            link_tree(Path(adapter.path) / "tensorboard", tmp / "tensorboard")
         link_tree(Path(merged.path), tmp / "merged")
+        base_model, license_ = base_model_origin(config.model.name, Path(default_cache_dir()))
+        card = render_model_card(config, metrics, base_model, license_)
+        (tmp / "merged" / "README.md").write_text(card, encoding="utf-8")
         _predictions(finetuned, baseline).to_parquet(tmp / "predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        log_history = json.loads((Path(adapter.path) / "log_history.json").read_text())
+        plots = draw_plots(tmp, metrics, log_history)
         while True:  # two runs in the same second get separate folders
             final = _claim_run_dir(parent)
-            report = render_report(metrics, final)
+            report = render_report(metrics, final, plots)
             (tmp / "report.md").write_text(report, encoding="utf-8")
             write_manifest(tmp)
             try:
@@ -178,6 +189,12 @@ def write_run_folder(
         key=f"{artifact_key(config.name)}-report",
         markdown=report,
         description=f"Evaluation of {config.name}",
+    )
+    create_link_artifact(
+        key=f"{artifact_key(config.name)}-run-folder",
+        link=final.as_uri(),
+        link_text=str(final),
+        description=f"Run folder of {config.name}: model, metrics, predictions, report and plots",
     )
     create_table_artifact(
         key=f"{artifact_key(config.name)}-metrics",

@@ -7,10 +7,13 @@ folder named by the inputs' digest, so a retried task or a re-run flow resumes f
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import resource
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +21,14 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.exceptions import MissingContextError
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from loraflow.config import LoraSettings, TrainSettings
-from loraflow.errors import ResourceError
+from loraflow.errors import ConfigError, ResourceError
 from tasks.evaluate import encode_choices
 from tasks.launch import train_once
 from tasks.models import load_causal_lm, load_tokenizer, uses_bf16
@@ -74,10 +78,28 @@ def trainer_arguments(train: TrainSettings, output_dir: Path, bf16: bool) -> dic
         "save_total_limit": 2,
         "logging_steps": train.logging_steps,
         "include_num_input_tokens_seen": "non_padding",
-        "report_to": "none",
+        "report_to": ["tensorboard"] + (["mlflow"] if train.tracking_uri else []),
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
     }
+
+
+def tracking_setup(train: TrainSettings) -> None:
+    """MLflow's tracking URI for the Trainer's MLflow callback, when the config names one."""
+    if not train.tracking_uri:
+        return
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            f"train.tracking_uri is {train.tracking_uri!r} but MLflow is not installed here: pip install "
+            "mlflow (or mlflow-skinny), or remove train.tracking_uri"
+        )
+    os.environ["MLFLOW_TRACKING_URI"] = train.tracking_uri  # read by transformers' MLflowCallback
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "loraflow")
+
+
+def work_settings(train: TrainSettings) -> dict[str, Any]:
+    """The train settings that shape the adapter (what its work-store key hashes): not where it is logged."""
+    return train.model_dump(mode="json", exclude={"tracking_uri"})
 
 
 def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> SFTConfig:
@@ -87,21 +109,59 @@ def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> S
     )
 
 
+PROGRESS_KEY = "training-progress"
+PROGRESS_SECONDS = 5.0  # the progress artifact is updated at most this often (and at the end)
+
+
 class _LogToPrefect(TrainerCallback):
-    """Training log lines (loss, learning rate, step) in the Prefect run log, at the logging_steps rate."""
+    """Training log lines (loss, learning rate, step) in the Prefect run log at the logging_steps rate, and
+    a progress artifact (step / total, loss, learning rate, ETA) updated every few seconds."""
 
     def __init__(self) -> None:
         try:
             self.logger = get_run_logger()
         except MissingContextError:  # called outside a Prefect run (unit tests call .fn directly)
             self.logger = None
+        self.artifact, self.updated, self.started, self.first_step = None, 0.0, 0.0, 0
+        self.last: dict[str, float] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.logger and state.is_world_process_zero:
+            self.started, self.first_step = time.monotonic(), state.global_step
+            self.artifact = create_progress_artifact(
+                100 * state.global_step / max(state.max_steps, 1),
+                key=PROGRESS_KEY,
+                description=f"starting at step {state.global_step}/{state.max_steps}",
+            )
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         if self.logger and logs:
+            self.last |= {k: v for k, v in logs.items() if k in ("loss", "learning_rate")}
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
             self.logger.info("step %d/%d: %s", state.global_step, state.max_steps, shown)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.artifact and time.monotonic() - self.updated >= PROGRESS_SECONDS:
+            self._update(state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.artifact:
+            self._update(state)
+
+    def _update(self, state: Any) -> None:
+        self.updated = time.monotonic()
+        done, total = state.global_step, max(state.max_steps, 1)
+        rate = (done - self.first_step) / max(self.updated - self.started, 1e-9)
+        parts = [f"step {done}/{total}"]
+        if "loss" in self.last:
+            parts.append(f"loss {self.last['loss']:.4f}")
+        if "learning_rate" in self.last:
+            parts.append(f"lr {self.last['learning_rate']:.2e}")
+        if done < total and rate > 0:
+            parts.append(f"ETA {timedelta(seconds=round((total - done) / rate))}")
+        update_progress_artifact(self.artifact, 100 * done / total, description=" · ".join(parts))
 
 
 def training_callbacks() -> list[TrainerCallback]:
@@ -125,6 +185,7 @@ def fit_adapter(
 
     Returns the trainer (its model is the PEFT model) and the step it resumed from (0 for a fresh start).
     """
+    tracking_setup(train)
     tokenizer = load_tokenizer(model_path)
     set_seed(train.seed)  # LoRA's initial weights come from the global RNG
     network = load_causal_lm(model_path, dtype)
@@ -193,6 +254,9 @@ def save_trained(
             truncated_rows,
         )
     with building(folder) as tmp:
+        events = checkpoints / "runs"  # the Trainer's TensorBoard event files (output_dir/runs/<time_host>)
+        if events.is_dir():
+            shutil.copytree(events, tmp / "tensorboard")
         trainer.save_model(str(tmp / "adapter"))
         trainer.processing_class.save_pretrained(str(tmp / "adapter"))
         (tmp / "train.json").write_text(json.dumps(stats, indent=1))
@@ -235,7 +299,7 @@ def train_adapter(
 
     With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
     """
-    key = digest_of("train", prompts.digest, model.digest, lora, train, dtype, processes)
+    key = digest_of("train", prompts.digest, model.digest, lora, work_settings(train), dtype, processes)
     folder = work_dir(store, "train", key)
     arguments = {"folder": folder, "prompts": prompts, "model": model, "lora": lora, "train": train}
     train_once("generative", arguments, processes, dtype)

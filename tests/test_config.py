@@ -136,7 +136,7 @@ def test_labels_from_any_spreadsheet_normalise_to_one_text(value: object, expect
     [
         (
             "## Your own spreadsheet",
-            ("data", "prompt", "model", "lora", "train", "eval", "contract", "compute"),
+            ("data", "prompt", "model", "lora", "train", "eval", "contract", "compute", "hub"),
         ),
         (
             "## A classification head instead",

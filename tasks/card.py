@@ -1,0 +1,122 @@
+"""The merged model's README.md in the Hugging Face model-card format: YAML front matter (base model,
+library, pipeline tag, the base model's license, metrics as a model-index) and a body with the labels,
+how to load the model, the training config, the data hashes and the dev metrics."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraflow.config import LoraflowConfig, dump_config
+
+# Where the embedded models come from, for the card's base_model and license.
+EMBEDDED_ORIGIN = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+
+
+def front_matter(text: str) -> dict[str, Any]:
+    """The YAML block between the leading `---` lines of a model card ({} when there is none)."""
+    found = re.match(r"\A---\n(.*?)\n---\n", text, re.S)
+    return (yaml.safe_load(found.group(1)) or {}) if found else {}
+
+
+def base_model_origin(model_name: str, cache_dir: Path) -> tuple[str, str]:
+    """(base_model, license) for the card: the embedded model's origin, else the name and the license
+    in the base model's own card (a local folder's README.md, or the hub snapshot's); "other" if none."""
+    if model_name.startswith("embedded:"):
+        return EMBEDDED_ORIGIN.get(model_name.removeprefix("embedded:"), (model_name, "other"))
+    local = Path(model_name)
+    cards = [local / "README.md"] if local.is_dir() else []
+    cards += sorted(
+        (cache_dir / "hub" / f"models--{model_name.replace('/', '--')}").glob("snapshots/*/README.md")
+    )
+    for card in cards:
+        if card.is_file():
+            license_ = front_matter(card.read_text(encoding="utf-8")).get("license")
+            if license_:
+                return model_name, str(license_)
+    return model_name, "other"
+
+
+def render_model_card(config: LoraflowConfig, metrics: dict[str, Any], base_model: str, license_: str) -> str:
+    """README.md of the merged model."""
+    classifier = config.approach == "classifier"
+    finetuned = metrics["finetuned"]
+    head = {
+        "base_model": base_model,
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification" if classifier else "text-generation",
+        "license": license_,
+        "tags": ["loraflow", "lora", "peft", "text-classification"],
+        "metrics": ["accuracy", "f1"],
+        "model-index": [
+            {
+                "name": config.name,
+                "results": [
+                    {
+                        "task": {"type": "text-classification", "name": "Text classification"},
+                        "dataset": {"name": f"{config.name} (dev split)", "type": config.name},
+                        "metrics": [
+                            {"type": "accuracy", "value": round(finetuned["accuracy"], 4)},
+                            {"type": "f1", "value": round(finetuned["macro_f1"], 4), "name": "macro-F1"},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    if classifier:
+        usage = (
+            "```python\nfrom transformers import pipeline\n\n"
+            'classify = pipeline("text-classification", model="PATH_OR_REPO")\n'
+            + (
+                'classify({"text": "first sentence", "text_pair": "second sentence"})\n'
+                if len(config.data.text_columns) == 2 and not config.classifier.template
+                else 'classify("the text to label")\n'
+            )
+            + "```"
+        )
+    else:
+        usage = (
+            "```bash\nloraflow predict --model PATH --input new.xlsx --output labelled.xlsx\n```\n\n"
+            "The model answers each row's prompt with one of the label answers below; `loraflow predict` "
+            "scores every answer and returns the most likely label with per-label probabilities. It also "
+            "loads as a standard causal LM (`AutoModelForCausalLM.from_pretrained(PATH)`)."
+        )
+    baseline = metrics["baseline"]
+    rows = [("fine-tuned", finetuned)] + ([(f"baseline ({baseline['kind']})", baseline)] if baseline else [])
+    sources = "\n".join(
+        f"- `{Path(path).name}`: sha256 `{digest}`" for path, digest in metrics["data"]["sources"].items()
+    )
+    body = [
+        f"# {config.name}",
+        "",
+        f"A {config.approach} text classifier fine-tuned with LoRA from `{base_model}` by loraflow, with "
+        "the adapter merged into the base weights.",
+        "",
+        f"Labels: {', '.join(f'`{label}`' for label in metrics['labels'])}.",
+        "",
+        "## How to use",
+        "",
+        usage,
+        "",
+        f"## Evaluation ({metrics['n_dev']} dev rows; {metrics['n_train']} train rows)",
+        "",
+        "| model | accuracy | macro-F1 |",
+        "|---|---|---|",
+        *(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |" for name, m in rows),
+        "",
+        "## Training data",
+        "",
+        sources,
+        "",
+        "## Training config",
+        "",
+        "```yaml",
+        dump_config(config).rstrip(),
+        "```",
+        "",
+    ]
+    return "---\n" + yaml.safe_dump(head, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)

@@ -1,0 +1,101 @@
+"""The run folder's plots (PNG, referenced from report.md): training loss and learning rate, the fine-tuned
+model's confusion matrix as a heat map, and per-class F1 of the baseline next to the fine-tuned model.
+
+Drawn with matplotlib's object API on an Agg canvas: no pyplot global state, no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+PLOTS = {
+    "loss": "plots/training_loss.png",
+    "confusion": "plots/confusion_matrix.png",
+    "f1": "plots/per_class_f1.png",
+}
+
+
+def _save(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_training(log_history: list[dict[str, Any]], path: Path) -> bool:
+    """Training loss (and learning rate, right axis) per logged step; False when nothing was logged."""
+    logged = [e for e in log_history if "loss" in e and "step" in e]
+    if not logged:
+        return False
+    figure = Figure(figsize=(6.4, 3.6))
+    axes = figure.add_subplot()
+    steps = [e["step"] for e in logged]
+    axes.plot(steps, [e["loss"] for e in logged], marker="o", markersize=3, color="tab:blue", label="loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("training loss", color="tab:blue")
+    rates = [e.get("learning_rate") for e in logged]
+    if all(r is not None for r in rates):
+        right = axes.twinx()
+        right.plot(steps, rates, color="tab:orange", linewidth=1, label="learning rate")
+        right.set_ylabel("learning rate", color="tab:orange")
+        right.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    axes.set_title("Training loss")
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+    return True
+
+
+def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path) -> None:
+    """Heat map of the confusion matrix (rows = gold, columns = predicted) with counts in the cells."""
+    matrix = np.asarray(confusion)
+    size = max(3.2, 0.6 * len(labels) + 2)
+    figure = Figure(figsize=(size + 1, size))
+    axes = figure.add_subplot()
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("gold")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), value in np.ndenumerate(matrix):
+        axes.text(j, i, str(value), ha="center", va="center", color="white" if value > threshold else "black")
+    axes.set_title("Confusion matrix, fine-tuned (dev)")
+    _save(figure, path)
+
+
+def plot_f1(
+    labels: list[str], finetuned: dict[str, Any], baseline: dict[str, Any] | None, path: Path
+) -> None:
+    """Per-class F1 bars: the baseline (when there is one) beside the fine-tuned model."""
+    x = np.arange(len(labels))
+    width = 0.4 if baseline else 0.6
+    figure = Figure(figsize=(max(4.8, 0.8 * len(labels) + 2), 3.6))
+    axes = figure.add_subplot()
+    if baseline:
+        scores = [baseline["per_class"][label]["f1"] for label in labels]
+        axes.bar(x - width / 2, scores, width, label=f"baseline ({baseline['kind']})", color="tab:gray")
+    offset = width / 2 if baseline else 0
+    scores = [finetuned["per_class"][label]["f1"] for label in labels]
+    axes.bar(x + offset, scores, width, label="fine-tuned", color="tab:blue")
+    axes.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0)
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("F1 (dev)")
+    axes.set_title("Per-class F1")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(labels) <= 4 else -0.25), ncol=2)
+    axes.grid(axis="y", alpha=0.3)
+    _save(figure, path)
+
+
+def draw_plots(folder: Path, metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> list[str]:
+    """Every plot of a run into `folder`; returns the relative paths written."""
+    written = []
+    if plot_training(log_history, folder / PLOTS["loss"]):
+        written.append(PLOTS["loss"])
+    plot_confusion(metrics["finetuned"]["confusion"], metrics["labels"], folder / PLOTS["confusion"])
+    plot_f1(metrics["labels"], metrics["finetuned"], metrics["baseline"], folder / PLOTS["f1"])
+    return written + [PLOTS["confusion"], PLOTS["f1"]]
