@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from openpyxl import Workbook, load_workbook
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import FlowRunSort
 
 from loraflow.cli import main
@@ -415,3 +417,13 @@ def test_very_long_cells_are_truncated_counted_and_reported(
     long_in_train = int((train["sample_data"].str.len() > 500).sum())
     assert metrics["train"]["truncated_rows"] == long_in_train >= 1
     assert "truncated row(s)" in (run / "report.md").read_text()
+    deadline = time.monotonic() + 30  # run logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+            warned = [log.message for log in logs if log.level == 30 and "truncated" in log.message]
+            if warned or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert warned and "raise train.max_length" in warned[0], [log.message for log in logs]

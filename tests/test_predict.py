@@ -120,3 +120,24 @@ def test_missing_or_blank_input_columns_fail_clearly_and_write_nothing(
     error = capsys.readouterr().err
     assert "sentence_a" in error and "row=5" in error  # the header is line 1: data row 3 is line 5
     assert not (tmp_path / "out.xlsx").exists()
+
+
+def test_each_approach_reads_and_writes_every_format(
+    prefect_server: None, generative_model: Path, classifier_model: Path, tmp_path: Path
+) -> None:
+    """The other pairings: a classifier from .xlsx to .xlsx, a generative model from .tsv to .parquet."""
+    pairs = pair_rows(9, seed=4).drop(columns=["relation"])
+    pairs.to_excel(tmp_path / "pairs.xlsx", index=False, engine="openpyxl")
+    path = predict(
+        model=str(classifier_model), input=str(tmp_path / "pairs.xlsx"), output=str(tmp_path / "p.xlsx")
+    )
+    _check_predictions(
+        pd.read_excel(path, engine="openpyxl"), pairs, ["contradiction", "entailment", "neutral"]
+    )
+
+    geo = geo_rows(11, seed=9).drop(columns=["score"])
+    geo.to_csv(tmp_path / "geo.tsv", sep="\t", index=False)
+    path = predict(
+        model=str(generative_model), input=str(tmp_path / "geo.tsv"), output=str(tmp_path / "g.parquet")
+    )
+    _check_predictions(pd.read_parquet(path), geo, ["0", "1"])
