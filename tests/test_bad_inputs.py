@@ -160,6 +160,25 @@ def _formula_without_value(folder: Path) -> Path:
     return xlsx(folder / "train.xlsx", table)
 
 
+def _bad_jsonl(folder: Path) -> Path:
+    lines = [json.dumps(r) for r in geo_rows(20).to_dict("records")]
+    lines[4] = lines[4][:-1] + ","  # a trailing comma where the object should close
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "train.jsonl"
+
+
+def _bad_parquet(folder: Path) -> Path:
+    geo_rows(20).to_parquet(folder / "whole.parquet")
+    (folder / "train.parquet").write_bytes((folder / "whole.parquet").read_bytes()[:300])
+    return folder / "train.parquet"
+
+
+def _header_only_dev(folder: Path) -> list[str]:
+    tsv(folder / "train.tsv", geo_rows(20))
+    (folder / "dev.tsv").write_text("requirement\tsample_data\tscore\n")
+    return ["validate", str(write_config(folder, "train.tsv", "dev.tsv"))]
+
+
 def _missing_file(folder: Path) -> list[str]:
     return ["validate", str(write_config(folder, "nowhere.xlsx"))]
 
@@ -252,6 +271,33 @@ ERRORS = [
         r"train\.xlsx: sheet 'Sheet1': cell\(s\) C6 hold a formula with no saved value.*save it in Excel",
     ),
     Case(
+        "dev-file-missing",
+        _validate(lambda f: write_config(f, tsv(f / "train.tsv", geo_rows(20)).name, "dev.tsv")),
+        r"dev\.tsv not found; check data\.train / data\.dev",
+    ),
+    Case(
+        "sheet-index-out-of-range",
+        _with_train(lambda f: xlsx(f / "train.xlsx", geo_table(), "data"), data={"sheet": 3}),
+        r"sheet index 3 out of range; sheets are \['data'\]",
+    ),
+    Case(
+        "header-only-dev",
+        _header_only_dev,
+        r"dev: expect_table_row_count_to_be_between.*observed 0.*contract\.min_rows",
+    ),
+    Case("corrupt-jsonl", _with_train(_bad_jsonl), r"train\.jsonl: line 5 is not valid JSON"),
+    Case("corrupt-parquet", _with_train(_bad_parquet), r"train\.parquet is not a readable parquet file"),
+    Case(
+        "two-labels-one-answer",
+        _frame_case(geo_rows(20), data={"answers": {1: "Yes", 0: "Yes "}}),
+        r"data\.answers.*two labels share one answer",
+    ),
+    Case(
+        "label-ids-not-contiguous",
+        _frame_case(geo_rows(20), data={"labels": {0: 0, 1: 2}}),
+        r"data\.labels.*label ids must be 0\.\.1, each used once",
+    ),
+    Case(
         "invalid-yaml",
         lambda f: [
             "validate",
@@ -278,6 +324,17 @@ ERRORS = [
 ]
 
 
+# Caught when the config loads, before any flow run exists (so no Prefect run to mark Failed).
+CONFIG_TIME = (
+    "invalid-yaml",
+    "unknown-config-key",
+    "lora-r-zero",
+    "negative-lr",
+    "two-labels-one-answer",
+    "label-ids-not-contiguous",
+)
+
+
 def _latest_flow_run_message() -> tuple[str, str]:
     with get_client(sync_client=True) as client:
         [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
@@ -294,16 +351,7 @@ def test_a_bad_input_fails_with_a_clear_message(
     assert re.search(case.expect, error, re.S), error
     assert "Traceback" not in error
     assert error.count("\n") < 40  # one message, not a log dump
-    if (
-        not args[1].endswith(("c.yaml",))
-        and "config" not in case.id
-        and case.id
-        not in (
-            "lora-r-zero",
-            "negative-lr",
-            "unknown-placeholder",
-        )
-    ):
+    if case.id not in CONFIG_TIME:
         state, message = _latest_flow_run_message()
         assert state == "Failed" and re.search(case.expect, message, re.S), message
     runs = tmp_path / "runs" / "bad"
