@@ -8,6 +8,7 @@ baseline (base model, same prompt) and the fine-tuned model.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -73,8 +74,10 @@ def score_labels(
 ) -> np.ndarray:
     """(rows × labels) sums of the answer tokens' log-probs given each prompt.
 
-    The prompt is run once per row; its KV cache is repeated for the labels, and only the answer tokens
-    are run per label. When every answer turn is a single token, the prompt's forward pass is all it takes.
+    The opening all prompts share (system message, the template's fixed text) is run once and its KV cache
+    reused; the rest of each prompt is run once per row; its KV cache is repeated for the labels, and only
+    the answer tokens are run per label. When every answer turn is a single token, the prompt's forward
+    pass is all it takes.
     """
     rows = []  # (shared prefix, continuation per label, answer tokens to score per label)
     for messages in prompts:
@@ -91,13 +94,31 @@ def score_labels(
     scores = np.zeros((len(rows), k), dtype=np.float64)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
+    # The system message and the template's fixed text open every prompt: run them once, reuse their cache.
+    shared = _shared_prefix([r[0] for r in rows]) if len(rows) > 1 else []
+    if len(shared) < MIN_SHARED_PREFIX:
+        shared = []
+    prefix_cache = None
+    if shared:
+        prefix_cache = model(input_ids=torch.tensor([shared], device=device), use_cache=True).cache
+    cut = len(shared)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
     for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
         index = order[start : start + batch_size]
-        ids, mask = _left_pad([rows[i][0] for i in index], pad, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, own = _left_pad([rows[i][0][cut:] for i in index], pad, device)
+        mask = torch.cat([torch.ones(len(index), cut, dtype=own.dtype, device=device), own], dim=1)
+        positions = cut + (own.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(index))
         prompt_out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         continuations = [rows[i][1][j] for i in index for j in range(k)]
         width = max(len(c) for c in continuations)
@@ -128,6 +149,19 @@ def score_labels(
     if not np.isfinite(scores).all():
         raise RuntimeError("label scores are not finite (NaN/inf): the model's weights or dtype are broken")
     return scores
+
+
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common opening is not worth a separate pass
+
+
+def _shared_prefix(prompts: list[list[int]]) -> list[int]:
+    """The token ids every prompt starts with, leaving at least one token of each prompt to run per row."""
+    if not prompts:
+        return []
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        n = min(n, _common_prefix(first[:n], prompt))
+    return first[: max(n, 0)]
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:

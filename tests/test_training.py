@@ -58,10 +58,13 @@ def test_lora_weights_move_and_base_weights_do_not(prepared: tuple, tmp_path: Pa
     assert moved > 0 and kept == len(base)
 
 
-def test_label_scores_match_an_unbatched_reference(tiny_model: Path) -> None:
+@pytest.mark.parametrize("system", ["", "You judge places. Answer Yes or No, and nothing else, please."])
+def test_label_scores_match_an_unbatched_reference(tiny_model: Path, system: str) -> None:
+    """With a shared system message the common opening runs once (its cache reused): same scores."""
     tokenizer = load_tokenizer(tiny_model)
     model = load_causal_lm(tiny_model, "float32")
-    prompts = [[{"role": "user", "content": "x" * n + " Lima?"}] for n in (1, 7, 3, 20, 12)]
+    opening = [{"role": "system", "content": system}] if system else []
+    prompts = [[*opening, {"role": "user", "content": "x" * n + " Lima?"}] for n in (1, 7, 3, 20, 12)]
     answers = ["Yes", "No way at all", "maybe"]
     batched = score_labels(model, tokenizer, prompts, answers, batch_size=2)
     for row, messages in enumerate(prompts):
