@@ -2,8 +2,10 @@
 
 No free generation and no answer parsing: for each dev row, the sum of the answer tokens' log-probs is
 computed for every label in one batched forward pass per group of sequences, the prediction is the
-argmax and the probabilities are the softmax over labels. The same scorer serves the zero-shot
-baseline (base model, same prompt) and the fine-tuned model.
+argmax and the probabilities are the softmax over labels. The answer turn's closing tokens (such as
+`<|im_end|>`) are scored only when one answer's tokens start another's ("Yes" and "Yes, partly"): otherwise
+they tell the labels nothing, and single-token answers ("Yes"/"No") take a single forward pass. The same
+scorer serves the zero-shot baseline (base model, same prompt) and the fine-tuned model.
 """
 
 from __future__ import annotations
@@ -45,6 +47,37 @@ def encode_choices(
     return sequences, starts
 
 
+def answer_spans(
+    tokenizer: Any, messages: list[dict[str, str]], answers: list[str]
+) -> tuple[list[list[int]], list[int], list[int]]:
+    """(sequences, starts, ends): the tokens of prompt + each answer turn and the span [start, end) to score.
+
+    The span is the answer's own tokens when no answer's tokens start another's; otherwise it runs to the end
+    of the turn, so that "Yes" is scored as a whole answer and not as the opening of "Yes, partly".
+    """
+    sequences, starts = encode_choices(tokenizer, messages, answers)
+    closing = _turn_closing(tokenizer, tuple(m["role"] for m in messages))
+    ends = []
+    for ids, start in zip(sequences, starts, strict=True):
+        end = len(ids) - len(closing)
+        closed = bool(closing) and end > start and ids[end:] == closing
+        ends.append(end if closed else len(ids))
+    contents = [tuple(ids[a:b]) for ids, a, b in zip(sequences, starts, ends, strict=True)]
+    prefix_free = all(
+        a[: len(b)] != b for i, a in enumerate(contents) for j, b in enumerate(contents) if i != j
+    )
+    return sequences, starts, ends if prefix_free else [len(ids) for ids in sequences]
+
+
+def _turn_closing(tokenizer: Any, roles: tuple[str, ...]) -> list[int]:
+    """Token ids the chat template puts after an assistant answer (e.g. `<|im_end|>` and a newline)."""
+    sentinel = "\u2063loraflow-answer\u2063"
+    probe = [{"role": r, "content": "x"} for r in roles] + [{"role": "assistant", "content": sentinel}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False)
+    after = text.split(sentinel)[-1] if sentinel in text else ""
+    return tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -76,18 +109,18 @@ def score_labels(
 
     The opening all prompts share (system message, the template's fixed text) is run once and its KV cache
     reused; the rest of each prompt is run once per row; its KV cache is repeated for the labels, and only
-    the answer tokens are run per label. When every answer turn is a single token, the prompt's forward
-    pass is all it takes.
+    the answer tokens are run per label. When every answer is a single token, the prompt's forward pass is
+    all it takes. Which tokens are scored: `answer_spans`.
     """
     rows = []  # (shared prefix, continuation per label, answer tokens to score per label)
     for messages in prompts:
-        sequences, starts = encode_choices(tokenizer, messages, answers)
+        sequences, starts, ends = answer_spans(tokenizer, messages, answers)
         cut = min(starts)
         rows.append(
             (
                 sequences[0][:cut],
-                [s[cut:] for s in sequences],
-                [len(s) - a for s, a in zip(sequences, starts, strict=True)],
+                [s[cut:e] for s, e in zip(sequences, ends, strict=True)],
+                [e - a for a, e in zip(starts, ends, strict=True)],
             )
         )
     k = len(answers)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tasks.train
 from loraflow.config import LoraSettings, PromptSettings, TrainSettings, load_config
-from tasks.evaluate import encode_choices, score_labels
+from tasks.evaluate import answer_spans, score_labels
 from tasks.ingest import ingest_table
 from tasks.merge import merge_adapter
 from tasks.models import load_causal_lm, load_tokenizer
@@ -58,22 +58,36 @@ def test_lora_weights_move_and_base_weights_do_not(prepared: tuple, tmp_path: Pa
     assert moved > 0 and kept == len(base)
 
 
+@pytest.mark.parametrize("answers", [["Yes", "No way at all", "maybe"], ["Yes", "Yes please", "No"]])
 @pytest.mark.parametrize("system", ["", "You judge places. Answer Yes or No, and nothing else, please."])
-def test_label_scores_match_an_unbatched_reference(tiny_model: Path, system: str) -> None:
+def test_label_scores_match_an_unbatched_reference(tiny_model: Path, system: str, answers: list[str]) -> None:
     """With a shared system message the common opening runs once (its cache reused): same scores."""
     tokenizer = load_tokenizer(tiny_model)
     model = load_causal_lm(tiny_model, "float32")
     opening = [{"role": "system", "content": system}] if system else []
     prompts = [[*opening, {"role": "user", "content": "x" * n + " Lima?"}] for n in (1, 7, 3, 20, 12)]
-    answers = ["Yes", "No way at all", "maybe"]
     batched = score_labels(model, tokenizer, prompts, answers, batch_size=2)
     for row, messages in enumerate(prompts):
-        sequences, starts = encode_choices(tokenizer, messages, answers)
-        for label, (ids, start) in enumerate(zip(sequences, starts, strict=True)):
+        sequences, starts, ends = answer_spans(tokenizer, messages, answers)
+        for label, (ids, start, end) in enumerate(zip(sequences, starts, ends, strict=True)):
             logits = model(input_ids=torch.tensor([ids])).logits[0].float()
             logprobs = torch.log_softmax(logits, dim=-1)
-            reference = sum(logprobs[t - 1, ids[t]].item() for t in range(start, len(ids)))
+            reference = sum(logprobs[t - 1, ids[t]].item() for t in range(start, end))
             assert batched[row, label] == pytest.approx(reference, abs=1e-4)
+
+
+def test_the_turn_closing_is_scored_only_when_an_answer_starts_another(tiny_model: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    messages = [{"role": "system", "content": "Judge."}, {"role": "user", "content": "Lima?"}]
+
+    def scored(answers: list[str]) -> list[str]:
+        sequences, starts, ends = answer_spans(tokenizer, messages, answers)
+        return [tokenizer.decode(s[a:b]) for s, a, b in zip(sequences, starts, ends, strict=True)]
+
+    assert scored(["Yes", "No"]) == ["Yes", "No"]
+    sequences, starts, ends = answer_spans(tokenizer, messages, ["Yes", "No"])
+    assert [b - a for a, b in zip(starts, ends, strict=True)] == [1, 1]  # one forward pass decides
+    assert scored(["Yes", "Yes please"]) == ["Yes<|im_end|>\n", "Yes please<|im_end|>\n"]
 
 
 def test_merged_model_reloaded_from_disk_scores_like_the_adapter(prepared: tuple) -> None:
