@@ -7,7 +7,6 @@ emits the event). Unchanged data (same file hashes, same config) ends in seconds
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,16 @@ from tasks.ingest import ingest_table, source_digests
 from tasks.models import read_model_info
 from tasks.registry import (
     append_history,
+    config_digest,
+    failed_attempt,
     model_home,
     production_model,
-    promote,
     read_history,
+    settle_challenger,
     version_digest,
 )
 from tasks.report import artifact_key
-from tasks.store import Ref, digest_of
+from tasks.store import Ref
 
 DATASET_EVENT = "loraflow.dataset.updated"
 
@@ -37,11 +38,6 @@ DATASET_EVENT = "loraflow.dataset.updated"
 def dataset_resource(name: str) -> str:
     """The Prefect resource id that dataset events about config `name` carry."""
     return f"loraflow.dataset.{name}"
-
-
-def config_digest(config: LoraflowConfig) -> str:
-    """What, besides the data, makes a challenger worth training: every setting but where things run or go."""
-    return digest_of(config.model_dump(mode="json", exclude={"output_dir", "registry", "compute"}))
 
 
 def champion_score(
@@ -81,7 +77,14 @@ def _training_flow(config: LoraflowConfig) -> Any:
     return train_generative
 
 
-@flow(name="retrain")
+def _record_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_failure / on_crashed hook: a failed retraining run is recorded in history.jsonl too."""
+    config = LoraflowConfig.model_validate(flow_run.parameters["config"])
+    error = (state.message or state.name).removeprefix("Flow run encountered an exception: ")
+    append_history(config, failed_attempt(config, flow_run.start_time, error))
+
+
+@flow(name="retrain", on_failure=[_record_failure], on_crashed=[_record_failure])
 def retrain(config: LoraflowConfig) -> dict[str, Any]:
     """New data → challenger → compare with the champion → promote if at least as good; record it."""
     logger = get_run_logger()
@@ -96,37 +99,17 @@ def retrain(config: LoraflowConfig) -> dict[str, Any]:
         )
         return {"decision": "no new data", "production": str(champion), "data": sources}
 
-    record: dict[str, Any] = {
-        "at": started.isoformat(timespec="seconds"),
-        "data": sources,
-        "config": settings,
-    }
-    try:
-        run_dir = Path(_training_flow(config)(config))
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        challenger = {"run": str(run_dir), "macro_f1": metrics["finetuned"]["macro_f1"]}
-        record["challenger"] = challenger
-        if champion is not None:
-            score, how = champion_score(config, champion, history)
-            record["champion"] = {"version": champion.name, "macro_f1": score, "score": how}
-        promoted = champion is None or challenger["macro_f1"] >= record["champion"]["macro_f1"]
-        record |= {"promoted": promoted, "decision": "promoted" if promoted else "kept champion"}
-        if promoted:
-            record["version"] = promote(config, run_dir).name
-    except Exception as error:
-        record |= {
-            "promoted": False,
-            "decision": "failed",
-            "error": f"{type(error).__name__}: {error}"[:2000],
-        }
-        raise
-    finally:
-        record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-        append_history(config, record)
+    run_dir = str(_training_flow(config)(config))
+    scored = None
+    if champion is not None:
+        score, how = champion_score(config, champion, history)
+        scored = {"version": champion.name, "macro_f1": score, "score": how}
+    opened = {"at": started.isoformat(timespec="seconds"), "data": sources, "config": settings}
+    record = settle_challenger(config, opened, run_dir, scored)
     production = production_model(config)
     summary = (
-        f"**{record['decision']}**: challenger macro-F1 {challenger['macro_f1']:.4f}"
-        + (f" vs champion {record['champion']['macro_f1']:.4f}" if "champion" in record else " (no champion)")
+        f"**{record['decision']}**: challenger macro-F1 {record['challenger']['macro_f1']:.4f}"
+        + (f" vs champion {scored['macro_f1']:.4f}" if scored else " (no champion)")
         + f"; production: `{production}`; history: `{model_home(config) / 'history.jsonl'}`"
     )
     logger.info(summary)

@@ -16,10 +16,14 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+
 from loraflow.config import LoraflowConfig
+from tasks.ingest import DataError, source_digests
 from tasks.store import MANIFEST, building, digest_of, link_tree
 
 PRODUCTION = "production"
@@ -72,3 +76,43 @@ def promote(config: LoraflowConfig, run_dir: Path) -> Path:
     os.symlink(Path("versions") / run_dir.name, tmp_link)
     os.replace(tmp_link, link)  # atomic on POSIX: readers see the old champion or the new one
     return version
+
+
+@task(name="settle-challenger")
+def settle_challenger(
+    config: LoraflowConfig, record: dict[str, Any], run_dir: str, champion: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Promote the challenger (the run's merged model) when it scores at least the champion's macro-F1, and
+    record the decision in history.jsonl; `champion` is None when there is none yet."""
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    challenger = {"run": run_dir, "macro_f1": metrics["finetuned"]["macro_f1"]}
+    record = record | {"challenger": challenger} | ({"champion": champion} if champion else {})
+    promoted = champion is None or challenger["macro_f1"] >= champion["macro_f1"]
+    record |= {"promoted": promoted, "decision": "promoted" if promoted else "kept champion"}
+    if promoted:
+        record["version"] = promote(config, Path(run_dir)).name
+    record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    append_history(config, record)
+    return record
+
+
+def failed_attempt(config: LoraflowConfig, started: datetime | None, error: str) -> dict[str, Any]:
+    """The history record of a retraining run that failed: the champion stays as it was."""
+    try:
+        data = source_digests(config.data)
+    except DataError:  # a data file that is gone: the error says so
+        data = {}
+    return {
+        "at": (started or datetime.now(UTC)).isoformat(timespec="seconds"),
+        "data": data,
+        "config": config_digest(config),
+        "promoted": False,
+        "decision": "failed",
+        "error": error[:2000],
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def config_digest(config: LoraflowConfig) -> str:
+    """What, besides the data, makes a challenger worth training: every setting but where things run or go."""
+    return digest_of(config.model_dump(mode="json", exclude={"output_dir", "registry", "compute"}))

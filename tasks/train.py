@@ -23,7 +23,7 @@ from peft import LoraConfig
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.exceptions import MissingContextError
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -169,6 +169,25 @@ def training_callbacks() -> list[TrainerCallback]:
     return [_LogToPrefect()]
 
 
+class _ProgressBar(ProgressCallback):
+    """transformers' progress bar without its own copy of each log line."""
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        return None
+
+
+def _one_copy_of_each_log_line(trainer: Trainer) -> None:
+    """In a Prefect run the log lines go to its log (`_LogToPrefect`); transformers would print them again."""
+    callbacks = trainer.callback_handler.callbacks
+    if not any(isinstance(c, _LogToPrefect) and c.logger for c in callbacks):
+        return
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_ProgressBar)
+
+
 def count_truncated(tokenizer: Any, frame: Any, max_length: int) -> int:
     """Rows whose prompt + answer exceed max_length tokens (the trainer cuts them; the count is reported)."""
     count = 0
@@ -203,6 +222,7 @@ def fit_adapter(
 def train_resuming(trainer: Trainer, checkpoints: Path) -> int:
     """`trainer.train`, resumed from the last checkpoint in `checkpoints`; returns its step (0 = fresh)."""
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    _one_copy_of_each_log_line(trainer)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError as e:

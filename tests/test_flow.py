@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from uuid import UUID
 
 import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 from flows.generative import train_generative
 from loraflow.cli import main
@@ -176,3 +178,31 @@ def test_user_error_in_a_real_terminal_run_has_no_traceback(tmp_path: Path, tiny
     assert done.returncode == 2
     assert "loraflow: error:" in done.stderr and "(did you mean 'score'?)" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_each_training_log_line_is_written_once(
+    prefect_server: None,
+    tmp_path: Path,
+    tiny_model: Path,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The run log has the step lines; transformers' own printer does not repeat them on the terminal."""
+    caplog.set_level(logging.INFO, logger="prefect.task_runs")  # the test harness runs at WARNING
+    path = write_config(tmp_path / "task", tiny_model)
+    config = load_config(path, ["train.max_steps=2", "train.logging_steps=1", "eval.baseline=false"])
+    state = train_generative(config, return_state=True)
+    assert state.is_completed()
+    printed = capfd.readouterr()
+    assert "{'loss'" not in printed.out + printed.err
+    deadline = time.monotonic() + 30  # run logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            )
+            steps = [log.message for log in logs if log.message.startswith("step 1/2: ")]
+            if steps or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert len(steps) == 1 and "loss=" in steps[0], [log.message for log in logs]
