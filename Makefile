@@ -36,7 +36,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" --durations=8
 
-# Side-by-side benchmarks, outside CI (~15 min on 2 CPU cores): bench/results/<UTC date>.json and .md
+# Side-by-side benchmarks, outside CI (~10 min on 2 CPU cores, setup included): bench/results/<UTC date>.json and .md
 bench: setup
 	$(BIN)/python bench/run.py
 
