@@ -138,3 +138,27 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(
     history = json.loads((Path(adapter.path) / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [2, 4]  # step 2 logged before the crash, 4 after
     assert not list(Path(store).glob("train-*.checkpoints"))
+
+
+def test_training_metrics_reach_mlflow_when_a_tracking_uri_is_set(
+    prepared: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking_setup sets it for the callback
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_FakeTokenForTheMlflowTest0123")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prompts, model, _, _ = prepared
+    frame = read_prompts(prompts, "train")
+    dataset = Dataset.from_pandas(frame[[PROMPT, "completion"]], preserve_index=False)
+    settings = TRAIN.model_copy(update={"tracking_uri": uri, "logging_steps": 1})
+    trainer, _ = fit_adapter(dataset, model.path, LoraSettings(r=4), settings, "float32", tmp_path / "ckpt")
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("loraflow").experiment_id])
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert [m.value for m in losses] == pytest.approx(logged, rel=1e-5)
+    assert run.data.params["learning_rate"] == str(TRAIN.lr) and run.info.status == "FINISHED"
+    assert b"hf_FakeTokenForTheMlflowTest0123" not in (tmp_path / "mlflow.db").read_bytes()
