@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from pydantic import ValidationError
 
 from flows.fit import work_store
 from loraflow.config import LoraflowConfig
@@ -79,7 +80,10 @@ def _training_flow(config: LoraflowConfig) -> Any:
 
 def _record_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """on_failure / on_crashed hook: a failed retraining run is recorded in history.jsonl too."""
-    config = LoraflowConfig.model_validate(flow_run.parameters["config"])
+    try:
+        config = LoraflowConfig.model_validate(flow_run.parameters.get("config"))
+    except ValidationError:  # the run never started: Prefect's own message names the bad parameter
+        return
     error = (state.message or state.name).removeprefix("Flow run encountered an exception: ")
     append_history(config, failed_attempt(config, flow_run.start_time, error))
 
