@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from datasets import Dataset
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from prefect import task
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
@@ -29,7 +29,7 @@ from loraflow.errors import ConfigError
 from tasks.evaluate import save_evaluation, softmax
 from tasks.ingest import LABEL, read_meta, read_split
 from tasks.launch import train_once
-from tasks.merge import CHECK_ROWS, merge_checked, save_merged
+from tasks.merge import CHECK_ROWS, load_adapter, merge_checked, save_merged
 from tasks.models import load_tokenizer, pick_dtype, trusts_code, uses_bf16
 from tasks.prompts import render
 from tasks.store import (
@@ -339,7 +339,7 @@ def merge_classifier(adapter: Ref, model: Ref, encoded: Ref, max_length: int, dt
     rows = read_encoded(encoded, "dev").head(CHECK_ROWS)
     tokenizer = classifier_tokenizer(model.path)
     base = load_classifier(model.path, label_map["labels"], tokenizer, "float32")
-    adapted = PeftModel.from_pretrained(base, str(Path(adapter.path) / "adapter")).eval()
+    adapted = load_adapter(base, Path(adapter.path) / "adapter")
     merged, difference = merge_checked(adapted, lambda m: predict_logits(m, tokenizer, rows, max_length))
     info = {
         "approach": "classifier",

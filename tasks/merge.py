@@ -7,6 +7,7 @@ accepted only when both give the same label scores within float tolerance.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def merge_adapter(
     rows = read_prompts(prompts, "dev")[PROMPT].tolist()[:CHECK_ROWS]
     tokenizer = load_tokenizer(model.path)
     base = load_causal_lm(model.path, "float32")  # merge in full precision, cast on save if asked
-    adapted = PeftModel.from_pretrained(base, str(Path(adapter.path) / "adapter")).eval()
+    adapted = load_adapter(base, Path(adapter.path) / "adapter")
     merged, difference = merge_checked(adapted, lambda m: score_labels(m, tokenizer, rows, answers))
     info = {
         "approach": "generative",
@@ -52,6 +53,13 @@ def merge_adapter(
     }
     save_merged(folder, merged, tokenizer, dtype, info)
     return result
+
+
+def load_adapter(base: Any, folder: Path) -> PeftModel:
+    """The trained adapter on its base model, in eval mode."""
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(base, str(folder)).eval()
 
 
 def merge_checked(adapted: PeftModel, outputs: Callable[[Any], np.ndarray]) -> tuple[Any, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,10 @@ def test_the_turn_closing_is_scored_only_when_an_answer_starts_another(tiny_mode
 def test_merged_model_reloaded_from_disk_scores_like_the_adapter(prepared: tuple) -> None:
     prompts, model, prompt, store = prepared
     adapter = train_adapter.fn(prompts, model, LoraSettings(r=4), TRAIN, "float32", store)
-    merged = merge_adapter.fn(adapter, model, prompts, prompt, "float32", store)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = merge_adapter.fn(adapter, model, prompts, prompt, "float32", store)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]  # library noise, muted
     info = json.loads((Path(merged.path) / "loraflow.json").read_text())
     assert info["approach"] == "generative" and info["answers"] == ["No", "Yes"]
     tokenizer = load_tokenizer(merged.path)
