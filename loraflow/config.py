@@ -202,7 +202,12 @@ class TrainSettings(_Settings):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the LR.")
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping (the QLoRA recipe's 0.3).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_length: int = Field(512, ge=8, description="Tokens per row; longer rows are truncated and counted.")
+    max_length: int = Field(
+        512,
+        ge=8,
+        description="Tokens per row; a longer row is truncated (a generative row loses the end of its "
+        "prompt, never its answer) and counted.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less GPU memory, ~30% slower."
     )

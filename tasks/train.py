@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from datasets import Dataset
 from peft import LoraConfig
@@ -188,13 +189,45 @@ def _one_copy_of_each_log_line(trainer: Trainer) -> None:
         trainer.add_callback(_ProgressBar)
 
 
-def count_truncated(tokenizer: Any, frame: Any, max_length: int) -> int:
-    """Rows whose prompt + answer exceed max_length tokens (the trainer cuts them; the count is reported)."""
-    count = 0
+def fit_prompts(tokenizer: Any, frame: pd.DataFrame, max_length: int) -> tuple[pd.DataFrame, int]:
+    """Rows whose prompt + answer exceed max_length tokens get the end of their last user message cut (marked
+    with "…") until they fit, so the trainer never cuts the answer. Returns (rows, how many were cut)."""
+    prompts, cut = [], 0
     for messages, completion in zip(frame[PROMPT], frame[COMPLETION], strict=True):
-        sequences, _ = encode_choices(tokenizer, messages, [completion[0]["content"]])
-        count += len(sequences[0]) > max_length
-    return count
+        fitted = _fit_prompt(tokenizer, [dict(m) for m in messages], completion[0]["content"], max_length)
+        prompts.append(fitted or [dict(m) for m in messages])
+        cut += fitted is not None
+    return frame.assign(**{PROMPT: prompts}), cut
+
+
+def _fit_prompt(
+    tokenizer: Any, messages: list[dict[str, str]], answer: str, max_length: int
+) -> list[dict[str, str]] | None:
+    """The messages with the end of the last user message cut so that prompt + answer fit, or None if they
+    already do."""
+
+    def length(n: int | None) -> int:
+        return len(encode_choices(tokenizer, shortened(n), [answer])[0][0])
+
+    def shortened(n: int | None) -> list[dict[str, str]]:
+        if n is None:
+            return messages
+        return [*messages[:user], {**messages[user], "content": text[:n] + "…"}, *messages[user + 1 :]]
+
+    if length(None) <= max_length:
+        return None
+    user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    text = messages[user]["content"]
+    if length(0) > max_length:
+        raise ConfigError(
+            f"train.max_length is {max_length} tokens but the prompt's fixed text and the answer alone take "
+            f"{length(0)}: raise train.max_length or shorten prompt.system"
+        )
+    low, high = 0, len(text)  # the longest opening of the text that fits: shortened(low) always does
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if length(middle) <= max_length else (low, middle - 1)
+    return shortened(low)
 
 
 def fit_adapter(
@@ -269,8 +302,9 @@ def save_trained(
     }
     if truncated_rows:
         run_logger().warning(
-            "%d train row(s) are longer than train.max_length tokens and were truncated (counted in "
-            "metrics.json); raise train.max_length to keep them whole",
+            "%d train row(s) are longer than train.max_length tokens and were truncated (the end of their "
+            "text cut, a generative row's answer kept; counted in metrics.json); raise train.max_length to "
+            "keep them whole",
             truncated_rows,
         )
     with building(folder) as tmp:
@@ -289,13 +323,14 @@ def train_generative_adapter(
 ) -> None:
     """Train LoRA on the formatted train split into `folder` (one process; one of several under DDP)."""
     checkpoints = folder.with_name(f"{folder.name}.checkpoints")
-    frame = read_prompts(prompts, "train")
+    frame, truncated = fit_prompts(
+        load_tokenizer(model.path), read_prompts(prompts, "train"), train.max_length
+    )
     dataset = Dataset.from_pandas(frame[[PROMPT, COMPLETION]], preserve_index=False)
     started = time.perf_counter()
     trainer, resumed_from = fit_adapter(dataset, model.path, lora, train, dtype, checkpoints)
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
-        truncated = count_truncated(trainer.processing_class, frame, train.max_length)
         save_trained(folder, trainer, seconds, resumed_from, truncated, checkpoints)
 
 

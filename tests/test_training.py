@@ -16,13 +16,14 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tasks.train
 from loraflow.config import LoraSettings, PromptSettings, TrainSettings, load_config
-from tasks.evaluate import answer_spans, score_labels
+from loraflow.errors import ConfigError
+from tasks.evaluate import answer_spans, encode_choices, score_labels
 from tasks.ingest import ingest_table
 from tasks.merge import merge_adapter
 from tasks.models import load_causal_lm, load_tokenizer
 from tasks.prompts import PROMPT, format_prompts, read_prompts
 from tasks.store import Ref
-from tasks.train import fit_adapter, train_adapter
+from tasks.train import fit_adapter, fit_prompts, train_adapter
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.flow
@@ -166,3 +167,31 @@ def test_training_metrics_reach_mlflow_when_a_tracking_uri_is_set(
     assert [m.value for m in losses] == pytest.approx(logged, rel=1e-5)
     assert run.data.params["learning_rate"] == str(TRAIN.lr) and run.info.status == "FINISHED"
     assert b"hf_FakeTokenForTheMlflowTest0123" not in (tmp_path / "mlflow.db").read_bytes()
+
+
+def test_a_row_longer_than_max_length_loses_the_end_of_its_prompt_never_its_answer(
+    prepared: tuple, tmp_path: Path, tiny_model: Path
+) -> None:
+    prompts, model, _, _ = prepared
+    frame = read_prompts(prompts, "train").head(8).reset_index(drop=True)
+    tokenizer = load_tokenizer(tiny_model)
+    long = [dict(m) for m in frame.loc[0, PROMPT]]
+    long[-1]["content"] += " Lima, Quito," * 200
+    frame.at[0, PROMPT] = long
+    fitted, cut = fit_prompts(tokenizer, frame, max_length=128)
+    assert cut == 1
+    shortened = fitted.loc[0, PROMPT][-1]["content"]
+    assert shortened.endswith("…") and long[-1]["content"].startswith(shortened[:-1])
+    lengths = [
+        len(encode_choices(tokenizer, messages, [completion[0]["content"]])[0][0])
+        for messages, completion in zip(fitted[PROMPT], fitted["completion"], strict=True)
+    ]
+    assert max(lengths) <= 128 and lengths[0] >= 120  # every row fits; the long one cut no more than needed
+    assert fitted["completion"].tolist() == frame["completion"].tolist()
+    assert [m["content"] for m in fitted.loc[1, PROMPT]] == [m["content"] for m in frame.loc[1, PROMPT]]
+    dataset = Dataset.from_pandas(fitted[[PROMPT, "completion"]], preserve_index=False)
+    trainer, _ = fit_adapter(dataset, model.path, LoraSettings(r=4), TRAIN, "float32", tmp_path / "ckpt")
+    assert len(trainer.train_dataset) == len(frame)  # no row lost its answer, so TRL dropped none
+
+    with pytest.raises(ConfigError, match="raise train.max_length or shorten prompt.system"):
+        fit_prompts(tokenizer, frame, max_length=8)
