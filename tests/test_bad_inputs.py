@@ -475,3 +475,24 @@ def test_very_long_cells_are_truncated_counted_and_reported(
                 break
             time.sleep(1)
     assert warned and "raise train.max_length" in warned[0], [log.message for log in logs]
+
+
+def test_a_max_length_shorter_than_the_prompts_fixed_text_is_a_clear_error(
+    prefect_server: None, tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tsv(tmp_path / "train.tsv", geo_rows(20))
+    config = write_config(
+        tmp_path,
+        "train.tsv",
+        model={"name": str(tiny_model)},
+        prompt={"system": "You judge places. " * 20},
+        train={"max_steps": 2, "batch_size": 4, "max_length": 64},
+        eval={"baseline": False},
+    )
+    assert main(["run", str(config)]) == 2
+    error = capsys.readouterr().err
+    expect = r"train\.max_length is 64 tokens but the prompt's fixed text and the answer alone take \d+"
+    assert re.search(expect, error) and "Traceback" not in error, error
+    state, message = _latest_flow_run_message()
+    assert state == "Failed" and re.search(expect, message), message
+    assert not list((tmp_path / "runs" / "bad").glob("2*"))
