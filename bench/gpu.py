@@ -14,7 +14,9 @@ linear layer, bf16, rows of random tokens with lengths spread over 64..1024. Var
   *+liger          each of the above with Liger kernels, when liger-kernel is installed
 
 For each: real (non-padding) tokens/s, model FLOPs utilisation against the GPU's bf16 dense peak, peak
-GPU memory. Writes gpu.json into --out (default $OUT, else bench/results) and prints a table. --tiny runs
+GPU memory. Then prediction: loraflow's label scoring (tasks.evaluate.score_labels) of geo-shaped chat
+prompts with a shared system message, length-sorted batches vs one row at a time, rows/s on the same
+model. Writes gpu.json into --out (default $OUT, else bench/results) and prints the tables. --tiny runs
 a 2-layer model on the CPU in float32 to check that the script works where there is no GPU (no MFU).
 """
 
@@ -25,11 +27,15 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tasks/, tests/ for prediction
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 MAX_LENGTH, MIN_LENGTH = 1024, 64
@@ -169,6 +175,66 @@ def run_variant(name: str, how: str, attention: str, ckpt: bool, liger: bool, ar
     return result
 
 
+SYSTEM = (
+    "You are an expert in geography. Task: decide whether a list of places contains a place matching a "
+    "requirement. Answer Yes if at least one place matches, otherwise No."
+)
+PLACES = ["Lima", "Zurich", "Cairo", "Oslo", "Denver", "Perth", "Quito", "Doha", "Nairobi", "Hanoi"]
+
+
+def geo_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Chat prompts shaped like the geo example's, with 2 to 80 places each (mixed lengths)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(n):
+        count = int(torch.randint(2, 81, (1,), generator=generator))
+        places = [PLACES[int(i)] for i in torch.randint(0, len(PLACES), (count,), generator=generator)]
+        user = f"Is the condition met?\nRequirement: on the seashore\nSample data: {', '.join(places)}"
+        prompts.append([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
+    return prompts
+
+
+def run_prediction(args: Any, device: str, folder: Path) -> dict[str, Any]:
+    """Label scoring rows/s: length-sorted batches (the predict flow's way) vs one row at a time."""
+    from transformers import Qwen2ForCausalLM
+
+    from tasks.scoring import score_labels  # torch, transformers and tqdm only: no prefect needed
+    from tests.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(folder)
+    config = qwen2_config(args.tiny)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    prompts, answers = geo_prompts(args.predict_rows), ["Yes", "No"]
+    one_rows = prompts[: max(len(prompts) // 4, 1)]
+
+    def timed(fn: Any) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    score_labels(model, tokenizer, prompts[:8], answers, batch_size=4)  # warm-up: kernels, allocator
+    batched_s = timed(lambda: score_labels(model, tokenizer, prompts, answers, batch_size=args.predict_batch))
+    one_s = timed(lambda: [score_labels(model, tokenizer, [p], answers, batch_size=1) for p in one_rows])
+    batched, one = len(prompts) / batched_s, len(one_rows) / one_s
+    lengths = [len(tokenizer.apply_chat_template(p, tokenize=False)) for p in prompts]
+    return {
+        "rows": len(prompts),
+        "batch": args.predict_batch,
+        "prompt_chars": [min(lengths), max(lengths)],
+        "batched_rows_per_s": batched,
+        "one_row_at_a_time_rows_per_s": one,
+        "one_row_at_a_time_rows": len(one_rows),
+        "speedup": batched / one,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -182,6 +248,8 @@ def main() -> None:
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="bf16 dense peak (default: by GPU name)"
     )
+    parser.add_argument("--predict-rows", type=int, default=256, help="rows scored in the prediction part")
+    parser.add_argument("--predict-batch", type=int, default=32)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if device == "cpu" and not args.tiny:
@@ -210,6 +278,9 @@ def main() -> None:
             print(f"{label}: {results[-1]['real_tokens_per_s']:.0f} real tokens/s", flush=True)
     if not liger:
         skipped["*+liger"] = "liger-kernel is not installed" if device == "cuda" else "CPU run"
+    with tempfile.TemporaryDirectory() as tmp:
+        prediction = run_prediction(args, device, Path(tmp))
+    print(f"prediction: {prediction['speedup']:.1f}x rows/s, batched vs one row at a time", flush=True)
     padded = next(r for r in results if r["variant"] == "padded")["real_tokens_per_s"]
     for r in results:
         r["vs_padded"] = r["real_tokens_per_s"] / padded
@@ -222,6 +293,7 @@ def main() -> None:
         "lengths": [MIN_LENGTH, MAX_LENGTH],
         "peak_bf16_tflops": args.peak_tflops,
         "results": results,
+        "prediction": prediction,
         "skipped": skipped,
         "seconds": time.perf_counter() - started,
     }
@@ -233,6 +305,11 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         memory = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "-"
         print(f"| {r['variant']} | {r['real_tokens_per_s']:.0f} | {r['vs_padded']:.2f}× | {mfu} | {memory} |")
+    print(
+        f"\nprediction ({prediction['rows']} rows, label scoring): batches of {prediction['batch']} "
+        f"{prediction['batched_rows_per_s']:.1f} rows/s, one row at a time "
+        f"{prediction['one_row_at_a_time_rows_per_s']:.1f} rows/s: {prediction['speedup']:.1f}×"
+    )
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
 

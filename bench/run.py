@@ -192,7 +192,7 @@ def _generate_and_parse(
 def _prompt_tokens_run(tokenizer: Any, prompts: list, answers: list[str], batch_size: int) -> dict[str, int]:
     """Prompt positions the model runs: one row at a time (every prompt whole) vs score_labels' batches
     (the shared opening once, then each length-sorted batch padded to its longest remainder)."""
-    from tasks.evaluate import MIN_SHARED_PREFIX, _shared_prefix, answer_spans
+    from tasks.scoring import MIN_SHARED_PREFIX, _shared_prefix, answer_spans
 
     heads = []
     for messages in prompts:
@@ -208,8 +208,8 @@ def _prompt_tokens_run(tokenizer: Any, prompts: list, answers: list[str], batch_
 
 
 def bench_eval_and_predict(folder: Path) -> dict[str, Any]:
-    from tasks.evaluate import score_labels
     from tasks.models import load_causal_lm, load_tokenizer
+    from tasks.scoring import score_labels
 
     model_ref, prompts, gold, labels, answers = _geo_dev(str(folder / "store"))
     tokenizer, model = load_tokenizer(model_ref.path), load_causal_lm(model_ref.path, "float32")

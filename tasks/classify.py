@@ -26,12 +26,13 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from loraflow.config import ClassifierSettings, EvalSettings, LoraSettings, TrainSettings, normalize_label
 from loraflow.errors import ConfigError
-from tasks.evaluate import save_evaluation, softmax
+from tasks.evaluate import save_evaluation
 from tasks.ingest import LABEL, read_meta, read_split
 from tasks.launch import train_once
 from tasks.merge import CHECK_ROWS, load_adapter, merge_checked, save_merged
 from tasks.models import load_tokenizer, pick_dtype, trusts_code, uses_bf16
 from tasks.prompts import render
+from tasks.scoring import softmax
 from tasks.store import (
     CONTENT_CACHE,
     Ref,

@@ -18,9 +18,9 @@ from peft import PeftModel
 from prefect import task
 
 from loraflow.config import PromptSettings
-from tasks.evaluate import score_labels
 from tasks.models import load_causal_lm, load_tokenizer, trusts_code
 from tasks.prompts import PROMPT, read_answers, read_prompts
+from tasks.scoring import score_labels
 from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
 
 CHECK_ROWS = 4

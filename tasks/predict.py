@@ -98,7 +98,7 @@ def check_input(rows: Ref, columns: list[str], source: str) -> None:
 
 
 def _probabilities(folder: Path, info: dict[str, Any], frame: pd.DataFrame, batch_size: int) -> np.ndarray:
-    from tasks.evaluate import softmax
+    from tasks.scoring import softmax
 
     if info["approach"] == "classifier":
         from tasks.classify import classifier_tokenizer, join_inputs, load_classifier, predict_logits
@@ -109,9 +109,9 @@ def _probabilities(folder: Path, info: dict[str, Any], frame: pd.DataFrame, batc
         return softmax(
             predict_logits(model, tokenizer, inputs, info["max_length"], batch_size, progress=True)
         )
-    from tasks.evaluate import score_labels
     from tasks.models import load_causal_lm, load_tokenizer
     from tasks.prompts import build_messages
+    from tasks.scoring import score_labels
 
     prompt = PromptSettings.model_validate(info["prompt"])
     tokenizer, model = load_tokenizer(folder), load_causal_lm(folder, "auto").eval()

@@ -30,10 +30,10 @@ from trl import SFTConfig, SFTTrainer
 
 from loraflow.config import LoraSettings, TrainSettings
 from loraflow.errors import ConfigError, ResourceError
-from tasks.evaluate import encode_choices
 from tasks.launch import train_once
 from tasks.models import load_causal_lm, load_tokenizer, uses_bf16
 from tasks.prompts import COMPLETION, PROMPT, read_prompts
+from tasks.scoring import encode_choices
 from tasks.store import (
     CONTENT_CACHE,
     Ref,

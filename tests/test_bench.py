@@ -24,3 +24,25 @@ def test_gpu_benchmark_runs_every_variant_on_a_tiny_model(tmp_path: Path) -> Non
     assert variants == ["padded", "dynamic", "dynamic+ckpt", "packed", "packed+ckpt"]
     assert all(r["real_tokens_per_s"] > 0 and r["final_loss"] > 0 for r in record["results"])
     assert record["packed_attention"] == "sdpa" and "| padded |" in done.stdout
+    prediction = record["prediction"]  # label scoring, batched vs one row at a time, on the same model
+    assert prediction["rows"] == 256 and prediction["one_row_at_a_time_rows"] == 64
+    assert prediction["batched_rows_per_s"] > 0 and prediction["one_row_at_a_time_rows_per_s"] > 0
+    assert "prediction (256 rows, label scoring)" in done.stdout
+
+
+def test_the_gpu_scripts_scoring_needs_no_orchestration_packages() -> None:
+    """The GPU machine has torch and transformers but not prefect or pydantic: scoring must not need them."""
+    blocker = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *args, **kwargs):\n"
+        "    if name.split('.')[0] in ('prefect', 'pydantic', 'great_expectations'):\n"
+        "        raise ImportError('not on the GPU machine: ' + name)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = guard\n"
+        "import tasks.scoring, tests.tiny\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 import tasks.train
 from loraflow.config import LoraSettings, PromptSettings, TrainSettings, load_config
 from loraflow.errors import ConfigError
-from tasks.evaluate import answer_spans, encode_choices, score_labels
 from tasks.ingest import ingest_table
 from tasks.merge import merge_adapter
 from tasks.models import load_causal_lm, load_tokenizer
 from tasks.prompts import PROMPT, format_prompts, read_prompts
+from tasks.scoring import answer_spans, encode_choices, score_labels
 from tasks.store import Ref
 from tasks.train import fit_adapter, fit_prompts, train_adapter
 from tests.conftest import write_config
