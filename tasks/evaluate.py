@@ -67,7 +67,10 @@ def evaluate_model(
     started = time.perf_counter()
     scores = score_labels(network, tokenizer, dev[PROMPT].tolist(), answers, settings.batch_size)
     seconds = time.perf_counter() - started
-    save_evaluation(folder, dev.drop(columns=[PROMPT, COMPLETION]), labels, softmax(scores), kind, seconds)
+    gold = [labels.index(label) for label in dev[LABEL]]
+    loss = float(-scores[np.arange(len(gold)), gold].mean())  # the dev loss: -log p(gold answer), per row
+    rows = dev.drop(columns=[PROMPT, COMPLETION])
+    save_evaluation(folder, rows, labels, softmax(scores), kind, seconds, extra={"answer_loss": loss})
     return Ref(path=str(folder), digest=key)
 
 

@@ -26,8 +26,11 @@ def _save(figure: Figure, path: Path) -> None:
     figure.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def plot_training(log_history: list[dict[str, Any]], path: Path) -> bool:
-    """Training loss (and learning rate, right axis) per logged step; False when nothing was logged."""
+def plot_training(
+    log_history: list[dict[str, Any]], path: Path, dev_losses: dict[str, float] | None = None
+) -> bool:
+    """Training loss (and learning rate, right axis) per logged step, with the dev answer loss of each
+    evaluated model as a dashed line; False when nothing was logged."""
     logged = [e for e in log_history if "loss" in e and "step" in e]
     if not logged:
         return False
@@ -35,6 +38,10 @@ def plot_training(log_history: list[dict[str, Any]], path: Path) -> bool:
     axes = figure.add_subplot()
     steps = [e["step"] for e in logged]
     axes.plot(steps, [e["loss"] for e in logged], marker="o", markersize=3, color="tab:blue", label="loss")
+    for (name, value), color in zip((dev_losses or {}).items(), ("tab:gray", "tab:green"), strict=False):
+        axes.axhline(value, linestyle="--", linewidth=1, color=color, label=f"dev answer loss, {name}")
+    if dev_losses:
+        axes.legend(loc="upper right", fontsize="small")
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("training loss", color="tab:blue")
     rates = [e.get("learning_rate") for e in logged]
@@ -91,10 +98,19 @@ def plot_f1(
     _save(figure, path)
 
 
+def dev_losses(metrics: dict[str, Any]) -> dict[str, float]:
+    """The dev answer loss (-log p(gold answer), mean per row) of each evaluated generative model."""
+    return {
+        name: metrics[key]["answer_loss"]
+        for key, name in (("baseline", "zero-shot"), ("finetuned", "fine-tuned"))
+        if metrics.get(key) and "answer_loss" in metrics[key]
+    }
+
+
 def draw_plots(folder: Path, metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> list[str]:
     """Every plot of a run into `folder`; returns the relative paths written."""
     written = []
-    if plot_training(log_history, folder / PLOTS["loss"]):
+    if plot_training(log_history, folder / PLOTS["loss"], dev_losses(metrics)):
         written.append(PLOTS["loss"])
     plot_confusion(metrics["finetuned"]["confusion"], metrics["labels"], folder / PLOTS["confusion"])
     plot_f1(metrics["labels"], metrics["finetuned"], metrics["baseline"], folder / PLOTS["f1"])

@@ -22,7 +22,7 @@ from tasks.card import base_model_origin, render_model_card
 from tasks.evaluate import read_evaluation
 from tasks.ingest import read_meta
 from tasks.models import default_cache_dir
-from tasks.plots import draw_plots
+from tasks.plots import dev_losses, draw_plots
 from tasks.store import Ref, link_tree, write_manifest
 from tasks.train import read_train_stats
 
@@ -42,6 +42,7 @@ def build_metrics(
             None
             if m is None
             else {k: m[k] for k in ("kind", "accuracy", "macro_f1", "per_class", "confusion")}
+            | ({"answer_loss": m["eval"]["answer_loss"]} if "answer_loss" in m.get("eval", {}) else {})
         )
 
     return {
@@ -112,6 +113,9 @@ def render_report(metrics: dict[str, Any], run_dir: Path, plots: list[str] | Non
         f"Evaluation: {metrics['eval']['rows_per_second']:.1f} dev rows/s.",
         "",
     ]
+    losses = [f"{name} {value:.4f}" for name, value in dev_losses(metrics).items()]
+    if losses:
+        lines[-1:-1] = [f"Dev answer loss (−log p(gold answer), mean per row): {', '.join(losses)}."]
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in plots] + [""]
     lines += [f"Run folder: `{run_dir}`", ""]

@@ -3,6 +3,7 @@ and `loraflow runs` / `loraflow compare` over two real tiny runs."""
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def test_plots_are_pngs_referenced_from_the_report_and_tensorboard_has_the_loss(
             image.verify()
             assert image.size[0] > 200 and image.size[1] > 200
         assert f"]({relative})" in report
+    metrics = json.loads((run / "metrics.json").read_text())
+    losses = [metrics[kind]["answer_loss"] for kind in ("baseline", "finetuned")]  # the dashed lines
+    assert all(loss > 0 for loss in losses)
+    assert f"Dev answer loss (−log p(gold answer), mean per row): zero-shot {losses[0]:.4f}" in report
 
 
 def test_the_model_card_names_the_base_model_and_the_metrics(two_runs: dict, tiny_model: Path) -> None:

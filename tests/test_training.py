@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tasks.train
-from loraflow.config import LoraSettings, PromptSettings, TrainSettings, load_config
+from loraflow.config import EvalSettings, LoraSettings, PromptSettings, TrainSettings, load_config
 from loraflow.errors import ConfigError
+from tasks.evaluate import evaluate_model, read_evaluation
 from tasks.ingest import ingest_table
 from tasks.merge import merge_adapter
 from tasks.models import load_causal_lm, load_tokenizer
-from tasks.prompts import PROMPT, format_prompts, read_prompts
+from tasks.prompts import PROMPT, format_prompts, read_answers, read_prompts
 from tasks.scoring import answer_spans, encode_choices, score_labels
 from tasks.store import Ref
 from tasks.train import fit_adapter, fit_prompts, train_adapter
@@ -195,3 +196,16 @@ def test_a_row_longer_than_max_length_loses_the_end_of_its_prompt_never_its_answ
 
     with pytest.raises(ConfigError, match="raise train.max_length or shorten prompt.system"):
         fit_prompts(tokenizer, frame, max_length=8)
+
+
+def test_the_dev_answer_loss_is_minus_the_mean_log_prob_of_the_gold_answer(prepared: tuple) -> None:
+    prompts, model, _, store = prepared
+    result = evaluate_model.fn(model, prompts, "zero-shot", EvalSettings(batch_size=4), "float32", store)
+    metrics, _ = read_evaluation(result)
+    dev = read_prompts(prompts, "dev")
+    labels, answers = read_answers(prompts)
+    tokenizer, network = load_tokenizer(model.path), load_causal_lm(model.path, "float32")
+    scores = score_labels(network, tokenizer, dev[PROMPT].tolist(), answers)
+    gold = [labels.index(label) for label in dev["label"]]
+    expected = -np.mean([scores[i, g] for i, g in enumerate(gold)])
+    assert metrics["eval"]["answer_loss"] == pytest.approx(expected, rel=1e-5) and expected > 0
