@@ -30,7 +30,7 @@ from tasks.evaluate import save_evaluation
 from tasks.ingest import LABEL, read_meta, read_split
 from tasks.launch import train_once
 from tasks.merge import CHECK_ROWS, load_adapter, merge_checked, save_merged
-from tasks.models import load_tokenizer, pick_dtype, trusts_code, uses_bf16
+from tasks.models import load_tokenizer, peft_quietly, pick_dtype, trusts_code, uses_bf16
 from tasks.prompts import render
 from tasks.scoring import softmax
 from tasks.store import (
@@ -214,9 +214,9 @@ def fit_classifier(
     tracking_setup(train)
     tokenizer = classifier_tokenizer(model_path)
     set_seed(train.seed)  # the head's and LoRA's initial weights come from the global RNG
-    network = get_peft_model(
-        load_classifier(model_path, labels, tokenizer, dtype).train(), build_lora_config(lora, "SEQ_CLS")
-    )
+    base = load_classifier(model_path, labels, tokenizer, dtype).train()
+    with peft_quietly():
+        network = get_peft_model(base, build_lora_config(lora, "SEQ_CLS"))
     args = TrainingArguments(
         **trainer_arguments(train, checkpoints, bf16=uses_bf16(dtype)),
         train_sampling_strategy="group_by_length",  # rows of similar length share a batch: less padding

@@ -7,7 +7,6 @@ accepted only when both give the same label scores within float tolerance.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from peft import PeftModel
 from prefect import task
 
 from loraflow.config import PromptSettings
-from tasks.models import load_causal_lm, load_tokenizer, trusts_code
+from tasks.models import load_causal_lm, load_tokenizer, peft_quietly, trusts_code
 from tasks.prompts import PROMPT, read_answers, read_prompts
 from tasks.scoring import score_labels
 from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
@@ -57,8 +56,7 @@ def merge_adapter(
 
 def load_adapter(base: Any, folder: Path) -> PeftModel:
     """The trained adapter on its base model, in eval mode."""
-    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; nothing to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_quietly():
         return PeftModel.from_pretrained(base, str(folder)).eval()
 
 

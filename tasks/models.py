@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,15 @@ def load_tokenizer(path: str | Path) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """peft asks transformers 5 a deprecated question (`is_gradient_checkpointing`) when it wraps a model:
+    a FutureWarning no user can act on, kept out of the run log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def load_causal_lm(path: str | Path, dtype: str = "auto") -> Any:

@@ -31,7 +31,7 @@ from trl import SFTConfig, SFTTrainer
 from loraflow.config import LoraSettings, TrainSettings
 from loraflow.errors import ConfigError, ResourceError
 from tasks.launch import train_once
-from tasks.models import load_causal_lm, load_tokenizer, uses_bf16
+from tasks.models import load_causal_lm, load_tokenizer, peft_quietly, uses_bf16
 from tasks.prompts import COMPLETION, PROMPT, read_prompts
 from tasks.scoring import encode_choices
 from tasks.store import (
@@ -73,7 +73,7 @@ def trainer_arguments(train: TrainSettings, output_dir: Path, bf16: bool) -> dic
         "seed": train.seed,
         "data_seed": train.seed,
         "bf16": bf16,
-        "gradient_checkpointing": train.gradient_checkpointing,
+        "activation_checkpointing": train.gradient_checkpointing,  # transformers 5 name
         "save_strategy": "steps",
         "save_steps": train.save_steps,
         "save_total_limit": 2,
@@ -241,14 +241,15 @@ def fit_adapter(
     tokenizer = load_tokenizer(model_path)
     set_seed(train.seed)  # LoRA's initial weights come from the global RNG
     network = load_causal_lm(model_path, dtype)
-    trainer = SFTTrainer(
-        model=network,
-        args=build_training_args(train, checkpoints, bf16=uses_bf16(dtype)),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=build_lora_config(lora),
-        callbacks=training_callbacks(),
-    )
+    with peft_quietly():
+        trainer = SFTTrainer(
+            model=network,
+            args=build_training_args(train, checkpoints, bf16=uses_bf16(dtype)),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=build_lora_config(lora),
+            callbacks=training_callbacks(),
+        )
     return trainer, train_resuming(trainer, checkpoints)
 
 

@@ -45,9 +45,12 @@ def test_lora_weights_move_and_base_weights_do_not(prepared: tuple, tmp_path: Pa
     prompts, model, _, _ = prepared
     frame = read_prompts(prompts, "train")
     dataset = Dataset.from_pandas(frame[[PROMPT, "completion"]], preserve_index=False)
-    trainer, resumed = fit_adapter(
-        dataset, model.path, LoraSettings(r=4), TRAIN, "float32", tmp_path / "ckpt"
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, resumed = fit_adapter(
+            dataset, model.path, LoraSettings(r=4), TRAIN, "float32", tmp_path / "ckpt"
+        )
+    assert not [w for w in caught if "checkpointing" in str(w.message)]  # no deprecation noise in the log
     assert resumed == 0 and trainer.state.global_step == 4
     base = load_file(tiny_model / "model.safetensors")
     moved, kept = 0, 0
@@ -209,3 +212,14 @@ def test_the_dev_answer_loss_is_minus_the_mean_log_prob_of_the_gold_answer(prepa
     gold = [labels.index(label) for label in dev["label"]]
     expected = -np.mean([scores[i, g] for i, g in enumerate(gold)])
     assert metrics["eval"]["answer_loss"] == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_gradient_checkpointing_setting_reaches_the_trainer_under_its_transformers_5_name(
+    on: bool, tmp_path: Path
+) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = tasks.train.build_training_args(TrainSettings(gradient_checkpointing=on), tmp_path, bf16=False)
+    assert args.activation_checkpointing is on and args.gradient_checkpointing is on
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
