@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.fit import fit_anywhere, work_store
+from flows.fit import fit_anywhere
 from loraflow.config import LoraflowConfig
 from tasks.classify import map_labels
 from tasks.contracts import check_contract
 from tasks.hub import push_to_hub
 from tasks.ingest import ingest_table
+from tasks.paths import settle_paths, work_store
 from tasks.report import write_run_folder
 
 
@@ -23,6 +24,7 @@ def train_classifier(config: LoraflowConfig) -> str:
 
     The bracketed steps run here or on the GPU pool (config `compute.gpu_deployment`; flows/fit.py).
     """
+    config = settle_paths(config)  # absolute paths, writable output_dir: fails here, not after training
     store = work_store(config)
     splits = ingest_table(config.data, config.input_columns, store)
     contract = check_contract(splits, config.input_columns, config.contract, store)

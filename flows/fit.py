@@ -13,9 +13,7 @@ the training flows start it with their prepared data.
 from __future__ import annotations
 
 import json
-import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -26,20 +24,10 @@ from loraflow.config import LoraflowConfig
 from loraflow.errors import UserError
 from tasks.exchange import fetch, publish
 from tasks.models import default_cache_dir, resolve_model
+from tasks.paths import exchange_storage, work_store
 from tasks.store import Ref
 
 OUTPUTS = ("adapter", "merged", "baseline", "finetuned")
-
-
-def work_store(config: LoraflowConfig) -> str:
-    """This host's work store: $LORAFLOW_WORK_DIR on a GPU worker if set, else <output_dir>/<name>/work."""
-    root = os.environ.get("LORAFLOW_WORK_DIR")
-    return str(Path(root) / config.name if root else config.output_dir / config.name / "work")
-
-
-def exchange_storage(config: LoraflowConfig) -> str:
-    """compute.storage, or <output_dir>/<name>/exchange (a local folder: a worker on the same host)."""
-    return config.compute.storage or str(config.output_dir / config.name / "exchange")
 
 
 def fit_steps(config: LoraflowConfig, prepared: Ref, store: str) -> dict[str, Ref | None]:

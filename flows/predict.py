@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from tasks.paths import settle_predict_paths
 from tasks.predict import (
     check_input,
     model_inputs,
@@ -28,11 +29,14 @@ def predict(
     encoding: str = "utf-8",
     batch_size: int = 16,
 ) -> str:
-    """Model card → read the input → check its columns → predict in batches → write input + predictions.
+    """Paths → model card → read the input → check its columns → predict in batches → write the rows and
+    their predictions.
 
     `model` is a run folder, its merged/ folder or models/<name>/production; `output` ends in .xlsx, .csv,
     .tsv or .parquet; `sheet`, `header_row` and `encoding` read the input as the data settings do.
+    Relative paths resolve against the flow run's working directory.
     """
+    model, input, output = settle_predict_paths(model, input, output)
     columns = model_inputs(model)
     rows = read_input(input, columns, sheet, header_row, encoding, scratch_store())
     check_input(rows, columns, input)

@@ -7,6 +7,7 @@ emits the event). Unchanged data (same file hashes, same config) ends in seconds
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import ValidationError
 
-from flows.fit import work_store
-from loraflow.config import LoraflowConfig
+from loraflow.config import LoraflowConfig, absolute_paths
 from tasks.evaluate import evaluate_model, read_evaluation
 from tasks.ingest import ingest_table, source_digests
 from tasks.models import read_model_info
+from tasks.paths import settle_paths, work_store
 from tasks.registry import (
     append_history,
     config_digest,
@@ -84,8 +85,14 @@ def _record_failure(flow: Any, flow_run: Any, state: Any) -> None:
         config = LoraflowConfig.model_validate(flow_run.parameters.get("config"))
     except ValidationError:  # the run never started: Prefect's own message names the bad parameter
         return
+    config = absolute_paths(config, Path.cwd())  # as the flow's settle-paths step does
     error = (state.message or state.name).removeprefix("Flow run encountered an exception: ")
-    append_history(config, failed_attempt(config, flow_run.start_time, error))
+    try:
+        append_history(config, failed_attempt(config, flow_run.start_time, error))
+    except OSError as e:  # the registry itself cannot be written (the run's own error says so): no record
+        logging.getLogger("loraflow").warning(
+            "the failure of %s is not recorded: %s cannot be written (%s)", flow_run.name, config.registry, e
+        )
 
 
 @flow(name="retrain", on_failure=[_record_failure], on_crashed=[_record_failure])
@@ -93,6 +100,7 @@ def retrain(config: LoraflowConfig) -> dict[str, Any]:
     """New data → challenger → compare with the champion → promote if at least as good; record it."""
     logger = get_run_logger()
     started = datetime.now(UTC)
+    config = settle_paths(config, registry=True)
     sources, settings = source_digests(config.data), config_digest(config)
     history = read_history(config)
     champion = production_model(config)

@@ -91,7 +91,7 @@ def _flow_for(config: LoraflowConfig) -> Flow:
 
 
 def _run(config: LoraflowConfig, refresh: bool) -> int:
-    from flows.fit import work_store
+    from tasks.paths import work_store
 
     flow = _flow_for(config)
     if refresh:  # a new work store has a new identity, which every task's cache key includes

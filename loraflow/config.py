@@ -1,7 +1,8 @@
 """The one config schema: a YAML file per classification task, validated into frozen pydantic models.
 
 The same models are the flows' parameter type, so the Prefect UI renders them as a form. Relative paths
-resolve against the config file's folder when loaded with `load_config`.
+resolve against the config file's folder when loaded with `load_config`, and against the flow run's
+working directory when they arrive as a deployment's parameters (`absolute_paths`, tasks/paths.py).
 """
 
 from __future__ import annotations
@@ -464,6 +465,14 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
                 if model["name"].startswith(("/", "~"))
                 else candidate.resolve()
             )
+
+
+def absolute_paths(config: LoraflowConfig, base: Path) -> LoraflowConfig:
+    """The config with every relative path in it (data files, extra suite, output_dir, registry, a local
+    exchange storage folder, a local model folder) resolved against `base`; absolute ones unchanged."""
+    raw = config.model_dump(mode="json")
+    _resolve_paths(raw, base)
+    return LoraflowConfig.model_validate(raw)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> LoraflowConfig:

@@ -34,7 +34,7 @@ def publish(ref: Ref, storage: str, store: str) -> Ref:
 
     Returns the ref with its path under `storage` (`<storage>/<step>-<digest>/<inner path>`).
     """
-    relative = Path(ref.path).resolve().relative_to(Path(store).resolve())
+    relative = Path(ref.path).relative_to(store)  # both absolute, from the same store (tasks/paths.py)
     folder = Path(store) / relative.parts[0]  # the finished unit, with its manifest
     fs, root = _filesystem(storage)
     remote = f"{root}/{folder.name}"

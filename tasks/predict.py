@@ -30,8 +30,9 @@ OUTPUT_FORMATS = (".xlsx", ".csv", ".tsv", ".parquet")
 
 
 def model_folder(path: str | Path) -> Path:
-    """The merged model in `path`: a run folder (its merged/), a merged folder, or a registry link."""
-    folder = Path(path).expanduser().resolve()
+    """The merged model in `path` (absolute): a run folder (its merged/), a merged folder, or a registry
+    link's target."""
+    folder = Path(path)
     if (folder / "merged" / "loraflow.json").is_file():
         folder = folder / "merged"
     if not (folder / "loraflow.json").is_file():
@@ -78,7 +79,7 @@ def read_input(
     for column in frame.columns:  # spreadsheets mix numbers and text in one column: keep text
         if frame[column].dtype == object:
             frame[column] = frame[column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
-    key = digest_of("input", str(source.resolve()), uuid.uuid4().hex)
+    key = digest_of("input", str(source), uuid.uuid4().hex)
     with building(work_dir(store, "input", key)) as tmp:
         frame.to_parquet(tmp / "rows.parquet", index=False)
     return Ref(path=str(work_dir(store, "input", key) / "rows.parquet"), digest=key)
@@ -166,4 +167,4 @@ def write_predictions(rows: Ref, predictions: Ref, output: str) -> str:
     frame = frame.drop(columns=clash)  # a re-labelled prediction file: replace the old predictions
     write_table(pd.concat([frame, predicted], axis=1), Path(output))
     shutil.rmtree(Path(rows.path).parent, ignore_errors=True)
-    return str(Path(output).resolve())
+    return output

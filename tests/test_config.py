@@ -196,12 +196,10 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs() -> None:
 
 def test_prefect_yaml_deployments_train_the_examples_as_configured() -> None:
     """A deployment of an example's config runs exactly its config.yaml (no drift between the two)."""
-    import copy
-
-    from loraflow.config import _resolve_paths
+    from loraflow.config import absolute_paths
 
     for deployment in _deployments_with_config():
-        raw = copy.deepcopy(deployment["parameters"]["config"])
-        _resolve_paths(raw, REPO)  # deployments run from the repository root
-        example = REPO / "examples" / raw["name"] / "config.yaml"
-        assert LoraflowConfig.model_validate(raw) == load_config(example), deployment["name"]
+        config = LoraflowConfig.model_validate(deployment["parameters"]["config"])
+        settled = absolute_paths(config, REPO)  # deployments run from the repository root
+        example = REPO / "examples" / config.name / "config.yaml"
+        assert settled == load_config(example), deployment["name"]

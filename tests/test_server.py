@@ -1,12 +1,14 @@
 """The real thing: `prefect server start`, the `gpu` process pool, `prefect deploy --all` of the repository's
-prefect.yaml (configs swapped for tiny-model ones), a `prefect worker start --pool gpu` subprocess, and
-deployments run through the Prefect CLI, on a schedule's flow and on a custom event.
+prefect.yaml in a copy of the checkout (each deployment's parameters as shipped, only the model swapped for
+a tiny one and the step counts cut), a `prefect worker start --pool gpu` subprocess, and deployments run
+through the Prefect CLI, on a schedule's flow and on a custom event.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +36,6 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from loraflow.config import load_config
 from tests.conftest import write_config
 from tests.tiny import geo_rows
 
@@ -61,8 +62,9 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _prefect(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The Prefect CLI in env's PWD, as a user's shell runs it there (prefect.yaml reads `$PWD`)."""
     result = subprocess.run(
-        [PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [PREFECT, *args], cwd=env["PWD"], env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result
@@ -107,24 +109,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         log.close()
 
 
-def _deployment_file(folder: Path, tiny_model: Path) -> Path:
-    """The repository's prefect.yaml with every deployment's config swapped for a tiny-model config."""
-    tiny = load_config(write_config(folder / "task", tiny_model)).model_dump(mode="json")
+# What the test changes in the shipped deployments' configs: the model, and step counts sized for seconds.
+TINY_TRAIN = {"max_steps": 4, "save_steps": 2, "logging_steps": 2}
+
+
+def _user_checkout(folder: Path, tiny_model: Path) -> Path:
+    """The repository as a user deploys it: prefect.yaml, examples/ and data_contracts/ as shipped (the code
+    folders linked), with only each deployment config's model swapped for a tiny one and its steps cut."""
+    folder.mkdir(parents=True)
+    for name in ("flows", "tasks", "loraflow"):
+        (folder / name).symlink_to(REPO / name, target_is_directory=True)
+    for name in ("examples", "data_contracts"):
+        shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    deployments = [
-        d
-        for d in spec["deployments"]
-        if "config" not in d.get("parameters", {}) or d["parameters"]["config"]["approach"] == "generative"
-    ]
-    for deployment in deployments:
-        if "config" in deployment.get("parameters", {}):
-            deployment["parameters"]["config"] = tiny
-        for trigger in deployment.get("triggers", []):
-            trigger["match"]["prefect.resource.id"] = f"loraflow.dataset.{tiny['name']}"
-    spec["deployments"] = deployments
-    path = folder / "prefect.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    for deployment in spec["deployments"]:
+        config = deployment.get("parameters", {}).get("config")
+        if config:  # paths, names, prompts, data and every other setting stay as shipped
+            config["model"] = {"name": str(tiny_model)}
+            config["train"] = config["train"] | TINY_TRAIN
+    (folder / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder
 
 
 @contextmanager
@@ -164,34 +168,49 @@ def _run_deployment(env: dict[str, str], name: str, *options: str) -> float:
     return time.perf_counter() - started
 
 
-def test_deploy_run_retrain_and_trigger_on_a_real_server_and_worker(
+def _run_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("2*") if (p / "MANIFEST.json").is_file())
+
+
+def test_the_shipped_deployments_run_as_the_readme_says_on_a_real_server_and_worker(
     server: dict[str, str], tmp_path: Path, tiny_model: Path
 ) -> None:
-    env = server
-    prefect_file = _deployment_file(tmp_path, tiny_model)
+    """README Deploy, verbatim, in a user's checkout: prefect.yaml's own parameters (relative paths such as
+    `output_dir: runs`), only the model swapped for a tiny one; outputs land where the README says."""
+    user = _user_checkout(tmp_path / "checkout", tiny_model)
+    env = {**server, "PWD": str(user)}
     _prefect(env, "work-pool", "create", "gpu", "--type", "process")
-    deployed = _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
-    for name in ("train-generative/geo", "retrain/geo-nightly", "fit/gpu", "predict/geo"):
+    deployed = _prefect(env, "--no-prompt", "deploy", "--all")
+    for name in (
+        "train-generative/geo",
+        "train-classifier/pairs",
+        "retrain/geo-nightly",
+        "fit/gpu",
+        "predict/geo",
+    ):
         assert name in deployed.stdout, deployed.stdout
 
     worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 (closed below, after the process)
     worker = subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", "gpu"],
-        cwd=REPO,
+        cwd=user,
         # The worker's own disk, as on a separate GPU host: what it needs travels through the exchange.
         env={**env, "LORAFLOW_WORK_DIR": str(tmp_path / "gpu-host")},
         stdout=worker_log,
         stderr=subprocess.STDOUT,
     )
     try:
-        # A training deployment, started the way users start it.
-        _run_deployment(env, "train-generative/geo")
-        [run] = _flow_runs(env, "train-generative/geo")
-        assert run.state.is_completed()
-        keys = _artifact_keys(env, run.id)
-        assert {"tiny-geo-report", "tiny-geo-metrics", "data-contract"} <= keys, keys
-        run_dirs = sorted((tmp_path / "task" / "runs" / "tiny-geo").glob("2*"))
-        assert len(run_dirs) == 1 and (run_dirs[0] / "metrics.json").is_file()
+        # The training deployments, started the way users start them: runs/<name>/<UTC timestamp>/.
+        for deployment, name in (("train-generative/geo", "geo"), ("train-classifier/pairs", "pairs")):
+            seconds = _run_deployment(env, deployment)
+            [run] = _flow_runs(env, deployment)
+            assert run.state.is_completed()
+            assert {f"{name}-report", f"{name}-metrics", f"{name}-run-folder"} <= _artifact_keys(env, run.id)
+            [run_dir] = _run_folders(user / "runs" / name)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert metrics["config"] == name and (run_dir / "merged" / "loraflow.json").is_file()
+            f1 = metrics["finetuned"]["macro_f1"]
+            print(f"{deployment}: {run.state.name} in {seconds:.1f} s, macro-F1 {f1:.3f}, {run_dir}")
 
         # Data steps here, training on the gpu pool: `loraflow run` with compute.gpu_deployment set.
         split = write_config(
@@ -199,13 +218,13 @@ def test_deploy_run_retrain_and_trigger_on_a_real_server_and_worker(
         )
         started = time.perf_counter()
         ran = subprocess.run(
-            [*LORAFLOW, "run", str(split)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+            [*LORAFLOW, "run", str(split)], cwd=user, env=env, capture_output=True, text=True, timeout=900
         )
         print(f"split run (data here, training on fit/gpu): {time.perf_counter() - started:.1f} s")
         assert ran.returncode == 0, ran.stdout + ran.stderr
         [fit_run] = _flow_runs(env, "fit/gpu")
         assert fit_run.state.is_completed()
-        [split_dir] = sorted((tmp_path / "split" / "runs" / "tiny-split").glob("2*"))
+        [split_dir] = _run_folders(tmp_path / "split" / "runs" / "tiny-split")
         assert json.loads((split_dir / "metrics.json").read_text())["finetuned"]["macro_f1"] >= 0
         exchange = tmp_path / "split" / "runs" / "tiny-split" / "exchange"
         published = {p.name.split("-")[0] for p in exchange.glob("*-*") if (p / "MANIFEST.json").is_file()}
@@ -214,39 +233,36 @@ def test_deploy_run_retrain_and_trigger_on_a_real_server_and_worker(
         assert {"prompts", "train", "merge", "evaluate"} <= gpu_host and "ingest" not in gpu_host
 
         # Retraining: first run promotes, unchanged data ends fast, new data trains a challenger.
-        history = tmp_path / "task" / "models" / "tiny-geo" / "history.jsonl"
+        history = user / "models" / "geo" / "history.jsonl"
         first = _run_deployment(env, "retrain/geo-nightly")
         unchanged = _run_deployment(env, "retrain/geo-nightly")
-        train = tmp_path / "task" / "train.xlsx"
+        train = user / "examples" / "geo" / "train.xlsx"
         frame = pd.concat([pd.read_excel(train, sheet_name="data"), geo_rows(8, seed=5)], ignore_index=True)
         frame.to_excel(train, index=False, sheet_name="data", engine="openpyxl")
         changed = _run_deployment(env, "retrain/geo-nightly")
         records = [json.loads(line) for line in history.read_text().splitlines()]
         assert [r["decision"] for r in records][0] == "promoted" and len(records) == 2
         assert records[1]["decision"] in ("promoted", "kept champion") and "champion" in records[1]
-        assert (tmp_path / "task" / "models" / "tiny-geo" / "production" / "config.json").is_file()
+        assert (user / "models" / "geo" / "production" / "config.json").is_file()
         print(
             f"retrain wall times: first {first:.1f} s, unchanged {unchanged:.1f} s, changed {changed:.1f} s"
         )
         print("history:\n" + history.read_text())
 
-        # The champion labels a table through the predict deployment.
-        production = tmp_path / "task" / "models" / "tiny-geo" / "production"
-        labelled = tmp_path / "labelled.xlsx"
-        _run_deployment(
-            env,
-            "predict/geo",
-            *("-p", f"model={production}", "-p", f"input={tmp_path / 'task' / 'dev.xlsx'}"),
-            *("-p", f"output={labelled}"),
-        )
-        predicted = pd.read_excel(labelled, engine="openpyxl")
-        assert len(predicted) == 16 and {"predicted_label", "prob_0", "prob_1"} <= set(predicted.columns)
+        # The champion labels the dev table through the predict deployment, with its shipped parameters.
+        _run_deployment(env, "predict/geo")
+        predicted = pd.read_excel(user / "runs" / "geo" / "predictions" / "dev.xlsx", engine="openpyxl")
+        assert len(predicted) == 160 and {"predicted_label", "prob_0", "prob_1"} <= set(predicted.columns)
 
         # The custom event starts the retrain deployment through its trigger.
         before = len(_flow_runs(env, "retrain/geo-nightly"))
-        config = tmp_path / "task" / "config.yaml"
         notified = subprocess.run(
-            [*LORAFLOW, "notify", str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+            [*LORAFLOW, "notify", "examples/geo/config.yaml"],
+            cwd=user,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert notified.returncode == 0, notified.stderr
         deadline = time.monotonic() + 240
