@@ -14,7 +14,7 @@ linear layer, bf16, rows of random tokens with lengths spread over 64..1024. Var
   *+liger          each of the above with Liger kernels, when liger-kernel is installed
 
 For each: real (non-padding) tokens/s, model FLOPs utilisation against the GPU's bf16 dense peak, peak
-GPU memory. Then prediction: loraflow's label scoring (tasks.evaluate.score_labels) of geo-shaped chat
+GPU memory. Then prediction: loraflow's label scoring (tasks/generative/scoring.py) of geo-shaped chat
 prompts with a shared system message, length-sorted batches vs one row at a time, rows/s on the same
 model. Writes gpu.json into --out (default $OUT, else bench/results) and prints the tables. --tiny runs
 a 2-layer model on the CPU in float32 to check that the script works where there is no GPU (no MFU).
@@ -198,7 +198,7 @@ def run_prediction(args: Any, device: str, folder: Path) -> dict[str, Any]:
     """Label scoring rows/s: length-sorted batches (the predict flow's way) vs one row at a time."""
     from transformers import Qwen2ForCausalLM
 
-    from tasks.scoring import score_labels  # torch, transformers and tqdm only: no prefect needed
+    from loraflow.tasks.generative.scoring import score_labels
     from tests.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(folder)

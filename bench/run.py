@@ -77,7 +77,8 @@ def ratio(baseline: list[float], ours: list[float]) -> float:
 def bench_ingest(folder: Path) -> dict[str, Any]:
     from openpyxl import Workbook
 
-    from tasks.ingest import read_table
+    import loraflow.tasks.ingest
+    from loraflow.tasks.ingest import read_table
     from tests.tiny import geo_rows
 
     rows = pd.concat([geo_rows(100)] * 1000, ignore_index=True)
@@ -107,13 +108,11 @@ def bench_ingest(folder: Path) -> dict[str, Any]:
         )
         same = ours.drop(columns=["_row"]).astype(str).equals(base.astype(str))
         if name == "xlsx_100k":  # the fast reader must write the parquet the openpyxl reader writes
-            import tasks.ingest
-
-            engine, tasks.ingest.EXCEL_ENGINE = tasks.ingest.EXCEL_ENGINE, "openpyxl"
+            engine, loraflow.tasks.ingest.EXCEL_ENGINE = loraflow.tasks.ingest.EXCEL_ENGINE, "openpyxl"
             try:
                 slow = read_table(path, sheet=0)
             finally:
-                tasks.ingest.EXCEL_ENGINE = engine
+                loraflow.tasks.ingest.EXCEL_ENGINE = engine
             ours.to_parquet(folder / "fast.parquet", index=False)
             slow.to_parquet(folder / "slow.parquet", index=False)
             identical = (folder / "fast.parquet").read_bytes() == (folder / "slow.parquet").read_bytes()
@@ -125,13 +124,16 @@ def bench_ingest(folder: Path) -> dict[str, Any]:
                 + ("read_excel(openpyxl)" if "xlsx" in name else "read_csv")
                 + ", to_parquet"
             },
-            "loraflow": summary(ours_s) | {"what": "tasks.ingest.read_table, to_parquet"},
+            "loraflow": summary(ours_s) | {"what": "loraflow.tasks.ingest.read_table, to_parquet"},
             "speedup": ratio(base_s, ours_s),
             "rows_per_s": len(base) / statistics.median(ours_s),
             "same_cells": bool(same),
         }
         if name == "xlsx_100k":
-            out[name] |= {"engine": tasks.ingest.EXCEL_ENGINE, "parquet_identical_to_openpyxl": identical}
+            out[name] |= {
+                "engine": loraflow.tasks.ingest.EXCEL_ENGINE,
+                "parquet_identical_to_openpyxl": identical,
+            }
         else:  # loraflow keeps every cell as written ("007", "1.0"); pandas' way to do that, for reference
             text_s, _ = timings(
                 lambda: to_parquet(
@@ -153,9 +155,9 @@ def bench_ingest(folder: Path) -> dict[str, Any]:
 def _geo_dev(store: str) -> tuple[Any, list, list[str], list[str], list[str]]:
     """(model ref, dev prompts, gold labels, labels, answers) of the geo example."""
     from loraflow.config import load_config
-    from tasks.ingest import LABEL, ingest_table
-    from tasks.models import default_cache_dir, resolve_model
-    from tasks.prompts import PROMPT, format_prompts, read_answers, read_prompts
+    from loraflow.tasks.generative.prepare import PROMPT, format_prompts, read_answers, read_prompts
+    from loraflow.tasks.ingest import LABEL, ingest_table
+    from loraflow.tasks.models import default_cache_dir, resolve_model
 
     config = load_config(GEO)
     splits = ingest_table.fn(config.data, config.input_columns, store)
@@ -192,7 +194,7 @@ def _generate_and_parse(
 def _prompt_tokens_run(tokenizer: Any, prompts: list, answers: list[str], batch_size: int) -> dict[str, int]:
     """Prompt positions the model runs: one row at a time (every prompt whole) vs score_labels' batches
     (the shared opening once, then each length-sorted batch padded to its longest remainder)."""
-    from tasks.scoring import MIN_SHARED_PREFIX, _shared_prefix, answer_spans
+    from loraflow.tasks.generative.scoring import MIN_SHARED_PREFIX, _shared_prefix, answer_spans
 
     heads = []
     for messages in prompts:
@@ -208,8 +210,8 @@ def _prompt_tokens_run(tokenizer: Any, prompts: list, answers: list[str], batch_
 
 
 def bench_eval_and_predict(folder: Path) -> dict[str, Any]:
-    from tasks.models import load_causal_lm, load_tokenizer
-    from tasks.scoring import score_labels
+    from loraflow.tasks.generative.scoring import score_labels
+    from loraflow.tasks.models import load_causal_lm, load_tokenizer
 
     model_ref, prompts, gold, labels, answers = _geo_dev(str(folder / "store"))
     tokenizer, model = load_tokenizer(model_ref.path), load_causal_lm(model_ref.path, "float32")
@@ -268,9 +270,9 @@ def _padded_baseline(
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from tasks.models import load_causal_lm, load_tokenizer
-    from tasks.prompts import COMPLETION, PROMPT
-    from tasks.train import build_lora_config
+    from loraflow.tasks.generative.prepare import COMPLETION, PROMPT
+    from loraflow.tasks.lora import build_lora_config
+    from loraflow.tasks.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     texts = [
@@ -312,10 +314,10 @@ def bench_training(folder: Path, steps: int) -> dict[str, Any]:
     from datasets import Dataset
 
     from loraflow.config import load_config
-    from tasks.ingest import ingest_table
-    from tasks.models import default_cache_dir, resolve_model
-    from tasks.prompts import COMPLETION, PROMPT, format_prompts, read_prompts
-    from tasks.train import fit_adapter
+    from loraflow.tasks.generative.prepare import COMPLETION, PROMPT, format_prompts, read_prompts
+    from loraflow.tasks.generative.train import fit_adapter
+    from loraflow.tasks.ingest import ingest_table
+    from loraflow.tasks.models import default_cache_dir, resolve_model
 
     config = load_config(GEO, [f"train.max_steps={steps}", "train.logging_steps=1"])
     store = str(folder / "store")
@@ -364,8 +366,8 @@ def bench_rerun(folder: Path, steps: int) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.generative import train_generative
     from loraflow.config import load_config
+    from loraflow.flows.generative import train_generative
 
     config = load_config(GEO, [f"train.max_steps={steps}", f"output_dir={folder / 'runs'}"])
     walls, overheads = [], []

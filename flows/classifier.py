@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.fit import fit_anywhere
 from loraflow.config import LoraflowConfig
-from tasks.classify import map_labels
-from tasks.contracts import check_contract
-from tasks.hub import push_to_hub
-from tasks.ingest import ingest_table
-from tasks.paths import settle_paths, work_store
-from tasks.report import write_run_folder
+from loraflow.flows.fit import fit_anywhere
+from loraflow.tasks.classifier.prepare import map_labels
+from loraflow.tasks.contracts import check_contract
+from loraflow.tasks.hub import push_to_hub
+from loraflow.tasks.ingest import ingest_table
+from loraflow.tasks.paths import settle_paths, work_store
+from loraflow.tasks.report import write_run_folder
 
 
 @flow(name="train-classifier")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.fit import fit_anywhere
 from loraflow.config import LoraflowConfig
-from tasks.contracts import check_contract
-from tasks.hub import push_to_hub
-from tasks.ingest import ingest_table
-from tasks.paths import settle_paths, work_store
-from tasks.prompts import format_prompts
-from tasks.report import write_run_folder
+from loraflow.flows.fit import fit_anywhere
+from loraflow.tasks.contracts import check_contract
+from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.tasks.hub import push_to_hub
+from loraflow.tasks.ingest import ingest_table
+from loraflow.tasks.paths import settle_paths, work_store
+from loraflow.tasks.report import write_run_folder
 
 
 @flow(name="train-generative")

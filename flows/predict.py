@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.paths import settle_predict_paths
-from tasks.predict import (
+from loraflow.tasks.approaches import predict_rows
+from loraflow.tasks.paths import settle_predict_paths
+from loraflow.tasks.predict import (
     check_input,
     model_inputs,
-    predict_rows,
     read_input,
     scratch_store,
     write_predictions,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow
 
 from loraflow.config import LoraflowConfig
-from tasks.contracts import check_contract
-from tasks.ingest import ingest_table
-from tasks.paths import settle_paths, work_store
+from loraflow.tasks.contracts import check_contract
+from loraflow.tasks.ingest import ingest_table
+from loraflow.tasks.paths import settle_paths, work_store
 
 
 @flow(name="validate-data")

@@ -13,17 +13,15 @@ import os
 import shutil
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from loraflow.config import LoraflowConfig, load_config
 from loraflow.errors import UserError
 from loraflow.runs import compare_runs, runs_table
 
-if TYPE_CHECKING:  # prefect is imported after ENV_DEFAULTS are applied
-    from prefect import Flow
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "geo" / "config.yaml"
+# The embedded example ships as package data (examples/ in a checkout, loraflow/examples in a wheel).
+DEMO_CONFIG = Path(str(files("loraflow.examples") / "geo" / "config.yaml"))
 # Quiet, offline-friendly defaults; the user's environment wins.
 ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -72,7 +70,7 @@ def _quiet_user_error_tracebacks() -> None:
 
 
 def _print_metrics(run_dir: str) -> None:
-    from tasks.report import metrics_table
+    from loraflow.tasks.report import metrics_table
 
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     print()
@@ -80,20 +78,11 @@ def _print_metrics(run_dir: str) -> None:
     print(f"\nrun folder: {run_dir}")
 
 
-def _flow_for(config: LoraflowConfig) -> Flow:
-    if config.approach == "classifier":
-        from flows.classifier import train_classifier
-
-        return train_classifier
-    from flows.generative import train_generative
-
-    return train_generative
-
-
 def _run(config: LoraflowConfig, refresh: bool) -> int:
-    from tasks.paths import work_store
+    from loraflow.flows import training_flow
+    from loraflow.tasks.paths import work_store
 
-    flow = _flow_for(config)
+    flow = training_flow(config.approach)
     if refresh:  # a new work store has a new identity, which every task's cache key includes
         shutil.rmtree(work_store(config), ignore_errors=True)
     run_dir = flow(config)
@@ -102,7 +91,7 @@ def _run(config: LoraflowConfig, refresh: bool) -> int:
 
 
 def _retrain(config: LoraflowConfig) -> int:
-    from flows.retrain import retrain
+    from loraflow.flows.retrain import retrain
 
     record = retrain(config)
     print(f"{record['decision']}; production: {record['production']}")
@@ -110,7 +99,7 @@ def _retrain(config: LoraflowConfig) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from flows.predict import predict
+    from loraflow.flows.predict import predict
 
     sheet = int(args.sheet) if args.sheet.isdigit() else args.sheet
     written = predict(
@@ -127,7 +116,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _validate(config: LoraflowConfig) -> int:
-    from flows.validate import validate_data
+    from loraflow.flows.validate import validate_data
 
     folder = validate_data(config)
     print(f"data contract passed: {Path(folder) / 'contract.json'}")
@@ -142,8 +131,8 @@ def _notify(config: LoraflowConfig) -> int:
     from prefect.events.clients import get_events_client
     from prefect.settings import PREFECT_API_URL
 
-    from flows.retrain import DATASET_EVENT, dataset_resource
-    from tasks.ingest import source_digests
+    from loraflow.flows.retrain import DATASET_EVENT, dataset_resource
+    from loraflow.tasks.ingest import source_digests
 
     if not PREFECT_API_URL.value():
         raise UserError(
@@ -166,7 +155,11 @@ def _notify(config: LoraflowConfig) -> int:
 
 
 def _run_config_command(args: argparse.Namespace) -> int:
-    config = load_config(DEMO_CONFIG if args.command == "demo" else args.config, args.overrides)
+    if args.command == "demo":  # runs/ and models/ in the folder it is started from (the repository root)
+        here = [f"output_dir={Path.cwd() / 'runs'}", f"registry={Path.cwd() / 'models'}"]
+        config = load_config(DEMO_CONFIG, here + args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
     _quiet_user_error_tracebacks()
     if args.command == "runs":
         print(runs_table(config))
@@ -183,9 +176,8 @@ def _run_config_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="train, merge and evaluate the config's flow locally")
-    run.add_argument("config", help="path to the task's config.yaml")
-    run.add_argument(
+    overrides = argparse.ArgumentParser(add_help=False)  # --set, shared by every command that reads a config
+    overrides.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -193,22 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.max_steps=20 (repeatable)",
     )
+    run = commands.add_parser(
+        "run", parents=[overrides], help="train, merge and evaluate the config's flow locally"
+    )
+    run.add_argument("config", help="path to the task's config.yaml")
     run.add_argument(
         "--refresh", action="store_true", help="recompute every step (clears <output_dir>/<name>/work first)"
     )
-    validate = commands.add_parser("validate", help="ingest and check the data contract only")
-    validate.add_argument("config")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    retrain = commands.add_parser(
-        "retrain", help="train a challenger on changed data; promote it if it beats the production model"
-    )
-    retrain.add_argument("config")
-    retrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    notify = commands.add_parser(
-        "notify", help="tell the Prefect server the config's data changed (starts its retrain deployment)"
-    )
-    notify.add_argument("config")
-    notify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    for name, text in (
+        ("validate", "ingest and check the data contract only"),
+        ("retrain", "train a challenger on changed data; promote it if it beats the production model"),
+        ("notify", "tell the Prefect server the config's data changed (starts its retrain deployment)"),
+        ("runs", "list a config's finished runs with their key metrics"),
+    ):
+        commands.add_parser(name, parents=[overrides], help=text).add_argument("config")
     predict = commands.add_parser("predict", help="label a table's rows with a trained model")
     predict.add_argument("--model", required=True, help="run folder, its merged/ or models/<name>/production")
     predict.add_argument("--input", required=True, help="table to label (.xlsx .csv .tsv .parquet .jsonl)")
@@ -219,13 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--header-row", type=int, default=1, help="1-based row of the column names")
     predict.add_argument("--encoding", default="utf-8", help="text encoding of .csv/.tsv input")
     predict.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
-    runs = commands.add_parser("runs", help="list a config's finished runs with their key metrics")
-    runs.add_argument("config")
-    runs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     compare = commands.add_parser("compare", help="two runs' config differences and metrics side by side")
     compare.add_argument("runs", nargs=2, metavar="RUN_FOLDER")
-    demo = commands.add_parser("demo", help="run examples/geo/config.yaml on the embedded model")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    commands.add_parser(
+        "demo", parents=[overrides], help="run examples/geo/config.yaml on the embedded model"
+    )
     return parser
 
 

@@ -59,6 +59,16 @@ def template_fields(template: str) -> list[str]:
     return fields
 
 
+def render(template: str, row: dict[str, Any]) -> str:
+    """Fill `{column}` fields with the row's cell text, inserted literally."""
+    pieces = []
+    for literal, name, _spec, _conversion in string.Formatter().parse(template):
+        pieces.append(literal)
+        if name is not None:
+            pieces.append(str(row[name]))
+    return "".join(pieces)
+
+
 class DataSettings(_Settings):
     """Where the labelled rows are and which columns matter."""
 

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from loraflow.config import LoraflowConfig, dump_config
+from loraflow.tasks.manifest import CardUsage
 
 # Where the embedded models come from, for the card's base_model and license.
 EMBEDDED_ORIGIN = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
@@ -40,14 +41,15 @@ def base_model_origin(model_name: str, cache_dir: Path) -> tuple[str, str]:
     return model_name, "other"
 
 
-def render_model_card(config: LoraflowConfig, metrics: dict[str, Any], base_model: str, license_: str) -> str:
-    """README.md of the merged model."""
-    classifier = config.approach == "classifier"
+def render_model_card(
+    config: LoraflowConfig, metrics: dict[str, Any], base_model: str, license_: str, usage: CardUsage
+) -> str:
+    """README.md of the merged model; `usage` (from its loraflow.json) says how such a model is used."""
     finetuned = metrics["finetuned"]
     head = {
         "base_model": base_model,
         "library_name": "transformers",
-        "pipeline_tag": "text-classification" if classifier else "text-generation",
+        "pipeline_tag": usage.pipeline_tag,
         "license": license_,
         "tags": ["loraflow", "lora", "peft", "text-classification"],
         "metrics": ["accuracy", "f1"],
@@ -67,24 +69,6 @@ def render_model_card(config: LoraflowConfig, metrics: dict[str, Any], base_mode
             }
         ],
     }
-    if classifier:
-        usage = (
-            "```python\nfrom transformers import pipeline\n\n"
-            'classify = pipeline("text-classification", model="PATH_OR_REPO")\n'
-            + (
-                'classify({"text": "first sentence", "text_pair": "second sentence"})\n'
-                if len(config.data.text_columns) == 2 and not config.classifier.template
-                else 'classify("the text to label")\n'
-            )
-            + "```"
-        )
-    else:
-        usage = (
-            "```bash\nloraflow predict --model PATH --input new.xlsx --output labelled.xlsx\n```\n\n"
-            "The model answers each row's prompt with one of the label answers below; `loraflow predict` "
-            "scores every answer and returns the most likely label with per-label probabilities. It also "
-            "loads as a standard causal LM (`AutoModelForCausalLM.from_pretrained(PATH)`)."
-        )
     baseline = metrics["baseline"]
     rows = [("fine-tuned", finetuned)] + ([(f"baseline ({baseline['kind']})", baseline)] if baseline else [])
     sources = "\n".join(
@@ -100,7 +84,7 @@ def render_model_card(config: LoraflowConfig, metrics: dict[str, Any], base_mode
         "",
         "## How to use",
         "",
-        usage,
+        usage.usage,
         "",
         f"## Evaluation ({metrics['n_dev']} dev rows; {metrics['n_train']} train rows)",
         "",

@@ -20,8 +20,8 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import ContractSettings
 from loraflow.errors import DataError
-from tasks.ingest import LABEL, ROW, read_meta, read_split
-from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, sha256_file, work_dir
+from loraflow.tasks.ingest import LABEL, ROW, read_meta, read_split
+from loraflow.tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, sha256_file, work_dir
 
 SAMPLES = 5  # offending rows shown per violation
 

@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+from prefect import task
 
-from tasks.store import MANIFEST, Ref, building, is_complete, link_tree, write_manifest
+from loraflow.tasks.store import (
+    MANIFEST,
+    Ref,
+    building,
+    is_complete,
+    link_tree,
+    retry_unless_user_error,
+    write_manifest,
+)
 
 
 def _filesystem(storage: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -76,3 +86,38 @@ def fetch(ref: Ref, storage: str, store: str) -> Ref:
         if write_manifest(tmp) != expected:
             raise OSError(f"{ref.path}: the fetched files do not match its {MANIFEST}; publish it again")
     return fetched
+
+
+# The same steps as Prefect tasks, for the flows: multi-GB copies that a flaky network may break are retried.
+_COPY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": retry_unless_user_error}
+
+
+@task(name="publish-to-exchange", **_COPY)
+def publish_to_exchange(ref: Ref, storage: str, store: str) -> Ref:
+    """`publish` as a task: the work-store folder holding `ref`, copied to the exchange storage."""
+    return publish(ref, storage, store)
+
+
+@task(name="publish-outputs", **_COPY)
+def publish_outputs(outputs: dict[str, Ref | None], storage: str, store: str, outbox: str) -> dict[str, Any]:
+    """On the GPU worker: publish every output folder and write their refs to `outbox` (a JSON file)."""
+    published = {
+        name: publish(ref, storage, store).model_dump() if ref else None for name, ref in outputs.items()
+    }
+    with fsspec.open(outbox, "w") as f:
+        json.dump(published, f)
+    return published
+
+
+@task(name="fetch-outputs", **_COPY)
+def fetch_outputs(outbox: str, storage: str, store: str) -> dict[str, Ref | None]:
+    """Back where the flow started: the GPU run's outputs, listed in `outbox`, fetched into the work store."""
+    with fsspec.open(outbox, "r") as f:
+        published = json.load(f)
+    return {name: fetch(Ref(**ref), storage, store) if ref else None for name, ref in published.items()}
+
+
+@task(name="fetch-from-exchange", **_COPY)
+def fetch_from_exchange(ref: Ref, storage: str, store: str) -> Ref:
+    """`fetch` as a task: a published folder copied into this host's work store, its hashes checked."""
+    return fetch(ref, storage, store)

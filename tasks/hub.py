@@ -12,8 +12,8 @@ from prefect import task
 
 from loraflow.config import HubSettings
 from loraflow.errors import ModelError
-from tasks.models import hf_token
-from tasks.store import retry_unless_user_error, run_logger
+from loraflow.tasks.models import hf_token
+from loraflow.tasks.store import retry_unless_user_error, run_logger
 
 
 @task(name="push-to-hub", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error)

@@ -20,8 +20,8 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import DataSettings, did_you_mean, normalize_label
 from loraflow.errors import DataError
-from tasks.excel import sheet_layout, sniff_not_a_workbook
-from tasks.store import (
+from loraflow.tasks.excel import sheet_layout, sniff_not_a_workbook
+from loraflow.tasks.store import (
     CONTENT_CACHE,
     Ref,
     building,
@@ -340,7 +340,7 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
 
 
 def read_split(ref: Ref, split: str) -> pd.DataFrame:
-    """Load one split written by `ingest_table`."""
+    """Load one split (<split>.parquet) of a step folder: ingest_table's, map_labels', format_prompts'."""
     return pd.read_parquet(Path(ref.path) / f"{split}.parquet")
 
 

@@ -1,46 +1,29 @@
-"""python -m tasks.launch SPEC.json: one process of a multi-GPU (DDP) training run, started by accelerate.
+"""python -m loraflow.tasks.launch SPEC.json: one process of a multi-GPU (DDP) training run, by accelerate.
 
-The training tasks call `train_in_processes` when `compute.processes` > 1: it writes the step's arguments
-to SPEC.json next to the output folder and runs `accelerate launch --multi_gpu --num_processes N -m
-tasks.launch SPEC.json`. Every process trains on its shard of each batch (the Trainer wraps the model in
-DistributedDataParallel); the first process saves the adapter into the output folder, as a single-process
-run would, so the task that started them finds a finished folder or fails.
+The training tasks call `train_in_processes` when `compute.processes` > 1: it writes the training function's
+import path (`module:name`) and its job (a frozen `TrainJob`, as JSON) to SPEC.json next to the output
+folder and runs `accelerate launch --multi_gpu --num_processes N -m loraflow.tasks.launch SPEC.json`; it
+knows no approach. Every process
+trains on its shard of each batch (the Trainer wraps the model in DistributedDataParallel); the first
+process saves the adapter into the output folder, as a single-process run would, so the task that started
+them finds a finished folder or fails.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
-from loraflow.config import ClassifierSettings, LoraSettings, TrainSettings
-from tasks.models import uses_bf16
-from tasks.store import Ref, exclusive, is_complete
-
-# The arguments of each step's training function, and how to rebuild them from JSON.
-STEPS: dict[str, dict[str, Any]] = {
-    "generative": {
-        "folder": Path,
-        "prompts": Ref.model_validate,
-        "model": Ref.model_validate,
-        "lora": LoraSettings.model_validate,
-        "train": TrainSettings.model_validate,
-        "dtype": str,
-    },
-    "classifier": {
-        "folder": Path,
-        "encoded": Ref.model_validate,
-        "model": Ref.model_validate,
-        "lora": LoraSettings.model_validate,
-        "train": TrainSettings.model_validate,
-        "classifier": ClassifierSettings.model_validate,
-        "dtype": str,
-    },
-}
+from loraflow.config import LoraSettings, TrainSettings
+from loraflow.tasks.models import uses_bf16
+from loraflow.tasks.store import Ref, exclusive, is_complete
 
 
 def launch_command(processes: int, spec: Path, bf16: bool) -> list[str]:
@@ -61,60 +44,72 @@ def launch_command(processes: int, spec: Path, bf16: bool) -> list[str]:
         "--main_process_port",
         "0",  # a free port: two runs on one host don't collide
         "--module",
-        "tasks.launch",
+        "loraflow.tasks.launch",
         str(spec),
     ]
 
 
-def write_spec(step: str, arguments: dict[str, Any], path: Path) -> Path:
-    """The step's arguments as JSON (settings and refs dumped, paths as text)."""
-    if set(arguments) != set(STEPS[step]):
-        raise ValueError(f"{step} training takes {sorted(STEPS[step])}, got {sorted(arguments)}")
-    plain = {
-        k: v.model_dump(mode="json") if isinstance(v, BaseModel) else str(v) if isinstance(v, Path) else v
-        for k, v in arguments.items()
-    }
+class TrainJob(BaseModel):
+    """What one training run needs, as a frozen model that travels to DDP processes as JSON; each approach
+    extends it with its own inputs and settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    folder: Path = Field(description="Where the finished adapter folder goes (the work store's train-<key>).")
+    model: Ref = Field(description="The resolved base model.")
+    lora: LoraSettings
+    train: TrainSettings
+    dtype: str = Field(description="model.dtype of the config.")
+
+
+def _function(path: str) -> Callable[[Any], None]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _job_type(function: Callable[[Any], None]) -> type[TrainJob]:
+    hints = get_type_hints(function)
+    [parameter] = [name for name in hints if name != "return"]  # a training function takes one job
+    return hints[parameter]
+
+
+def write_spec(function: str, job: TrainJob, path: Path) -> Path:
+    """The training function (`module:name`, taking one job) and its job as JSON."""
+    expected = _job_type(_function(function))
+    if type(job) is not expected:
+        raise ValueError(f"{function} takes a {expected.__name__}, got a {type(job).__name__}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"step": step, "arguments": plain}, indent=1))
+    path.write_text(json.dumps({"function": function, "job": job.model_dump(mode="json")}, indent=1))
     return path
 
 
-def read_spec(path: Path) -> tuple[str, dict[str, Any]]:
-    """(step, arguments rebuilt into their types) from a spec written by `write_spec`."""
+def read_spec(path: Path) -> tuple[str, TrainJob]:
+    """(function, its job validated into the job type it takes) from a file written by `write_spec`."""
     spec = json.loads(path.read_text())
-    build = STEPS[spec["step"]]
-    return spec["step"], {k: build[k](v) for k, v in spec["arguments"].items()}
+    return spec["function"], _job_type(_function(spec["function"])).model_validate(spec["job"])
 
 
-def run_step(step: str, arguments: dict[str, Any]) -> None:
-    """Call the step's training function in this process."""
-    if step == "classifier":
-        from tasks.classify import train_classifier_into
-
-        train_classifier_into(**arguments)
-    else:
-        from tasks.train import train_generative_adapter
-
-        train_generative_adapter(**arguments)
+def run_step(function: str, job: TrainJob) -> None:
+    """Call the training function in this process."""
+    _function(function)(job)
 
 
-def train_once(step: str, arguments: dict[str, Any], processes: int, dtype: str) -> None:
-    """Train into `arguments["folder"]` unless a finished result is there; one training per folder at a
-    time on this host (a concurrent run of the same config waits, then reuses the result)."""
-    folder = Path(arguments["folder"])
-    with exclusive(folder):
-        if is_complete(folder):
+def train_once(function: str, job: TrainJob, processes: int) -> None:
+    """Train into `job.folder` unless a finished result is there; one training per folder at a time on
+    this host (a concurrent run of the same config waits, then reuses the result)."""
+    with exclusive(job.folder):
+        if is_complete(job.folder):
             return
         if processes > 1:
-            train_in_processes(step, arguments | {"dtype": dtype}, processes, uses_bf16(dtype))
+            train_in_processes(function, job, processes, uses_bf16(job.dtype))
         else:
-            run_step(step, arguments | {"dtype": dtype})
+            run_step(function, job)
 
 
-def train_in_processes(step: str, arguments: dict[str, Any], processes: int, bf16: bool) -> None:
-    """Run the step's training as `processes` DDP processes; raise unless they leave a finished folder."""
-    folder = Path(arguments["folder"])
-    spec = write_spec(step, arguments, folder.with_name(f"{folder.name}.launch.json"))
+def train_in_processes(function: str, job: TrainJob, processes: int, bf16: bool) -> None:
+    """Run the training function as `processes` DDP processes; raise unless they leave a finished folder."""
+    folder = job.folder
+    spec = write_spec(function, job, folder.with_name(f"{folder.name}.launch.json"))
     result = subprocess.run(launch_command(processes, spec, bf16))
     if result.returncode != 0 or not is_complete(folder):
         raise RuntimeError(
@@ -127,9 +122,7 @@ def train_in_processes(step: str, arguments: dict[str, Any], processes: int, bf1
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
-        sys.exit(
-            "usage: python -m tasks.launch SPEC.json (started by accelerate launch; see tasks/launch.py)"
-        )
+        sys.exit("usage: python -m loraflow.tasks.launch SPEC.json (started by accelerate launch)")
     run_step(*read_spec(Path(args[0])))
 
 

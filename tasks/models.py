@@ -23,7 +23,8 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import ModelSettings
 from loraflow.errors import ModelError
-from tasks.store import (
+from loraflow.tasks.manifest import ModelManifest
+from loraflow.tasks.store import (
     CONTENT_CACHE,
     Ref,
     building,
@@ -83,8 +84,8 @@ def trusts_code(path: str | Path) -> bool:
     folder = Path(path)
     if (folder / TRUST_MARKER).is_file():
         return True
-    info = folder / "loraflow.json"
-    return info.is_file() and bool(json.loads(info.read_text()).get("trust_remote_code"))
+    manifest = ModelManifest.read(folder)
+    return manifest is not None and manifest.trust_remote_code
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -294,9 +295,3 @@ def _to_safetensors(folder: Path, cache_dir: Path) -> Ref:
             network.save_pretrained(tmp)  # safetensors
             AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
     return Ref(path=str(target), digest=digest)
-
-
-def read_model_info(folder: str | Path) -> dict[str, Any]:
-    """loraflow.json of a merged model (approach, labels, answers, prompt), if present."""
-    path = Path(folder) / "loraflow.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -10,6 +10,7 @@ any model is loaded, instead of after an hour of training. Every task after it s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect import task
 
 from loraflow.config import LoraflowConfig, absolute_paths
 from loraflow.errors import ConfigError
-from tasks.predict import model_folder
+from loraflow.tasks.predict import model_folder
 
 
 def work_store(config: LoraflowConfig) -> str:
@@ -33,8 +34,12 @@ def exchange_storage(config: LoraflowConfig) -> str:
     return config.compute.storage or str(config.output_dir / config.name / "exchange")
 
 
-def check_writable(folder: Path, setting: str) -> None:
-    """Create `folder` if needed and write (then remove) a probe file in it; a ConfigError says why not."""
+def check_writable(folder: Path, setting: str, keep: bool = True) -> None:
+    """Create `folder` if needed and write (then remove) a probe file in it; a ConfigError says why not.
+
+    With `keep=False` the folders this check created are removed again (a folder that is only written to
+    later, such as the exchange, does not appear before the run gets that far)."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     probe = folder / f".loraflow-write-check-{uuid.uuid4().hex[:8]}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -46,10 +51,17 @@ def check_writable(folder: Path, setting: str) -> None:
             f"{setting}: cannot write to {folder} ({reason}); set {setting} to a folder this machine can "
             "create and write (a relative path resolves against the flow's working directory)"
         ) from e
+    finally:
+        for path in [] if keep else created:  # innermost first; one another process wrote into stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def check_storage(storage: str) -> None:
     """Write and remove a probe file in the exchange storage (a folder or an fsspec URL)."""
+    if "://" not in storage:  # a local folder: leave nothing behind before the run publishes to it
+        check_writable(Path(storage), "compute.storage", keep=False)
+        return
     try:
         fs, root = url_to_fs(storage)
         fs.makedirs(root, exist_ok=True)

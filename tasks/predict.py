@@ -1,29 +1,26 @@
-"""Prediction with a merged model of either approach: read a table, check its columns, label every row.
+"""Prediction tables, for a merged model of either approach: find the model folder, read the input table,
+check the model's columns in it, and write the rows with their predictions.
 
-The model folder says how to use it (`loraflow.json`, written by the merge): the generative approach's
-prompt, labels and answers, or the classifier's input columns, join template and label map. Rows are
-scored in length-sorted batches (label scoring, or the head's logits) and come back in input order.
+The model folder says how to use it (its loraflow.json manifest, tasks/manifest.py): which columns it reads
+and which approach scores them (`predict_rows` in tasks/approaches.py, the approach's predict module).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
 from prefect import task
 
-from loraflow.config import PromptSettings, template_fields
 from loraflow.errors import DataError, ModelError
-from tasks.contracts import describe_violation, run_suites, text_expectations
-from tasks.ingest import ROW, read_table, selected_columns
-from tasks.store import Ref, building, digest_of, work_dir
+from loraflow.tasks.contracts import describe_violation, run_suites, text_expectations
+from loraflow.tasks.ingest import ROW, read_table, selected_columns
+from loraflow.tasks.manifest import ModelManifest
+from loraflow.tasks.store import Ref, building, digest_of, work_dir
 
 PREDICTED = "predicted_label"
 OUTPUT_FORMATS = (".xlsx", ".csv", ".tsv", ".parquet")
@@ -33,9 +30,9 @@ def model_folder(path: str | Path) -> Path:
     """The merged model in `path` (absolute): a run folder (its merged/), a merged folder, or a registry
     link's target."""
     folder = Path(path)
-    if (folder / "merged" / "loraflow.json").is_file():
+    if ModelManifest.read(folder / "merged") is not None:
         folder = folder / "merged"
-    if not (folder / "loraflow.json").is_file():
+    if ModelManifest.read(folder) is None:
         raise ModelError(
             f"{path} is not a loraflow model: expected a run folder (runs/<name>/<timestamp>), its merged/ "
             "folder or models/<name>/production, with loraflow.json inside"
@@ -43,22 +40,10 @@ def model_folder(path: str | Path) -> Path:
     return folder
 
 
-def read_model_card(folder: Path) -> dict[str, Any]:
-    """loraflow.json: approach, labels and how inputs become model inputs."""
-    return json.loads((folder / "loraflow.json").read_text())
-
-
-def input_columns(info: dict[str, Any]) -> list[str]:
-    """The table columns the model reads."""
-    if info["approach"] == "classifier":
-        return list(info["columns"])
-    return template_fields(info["prompt"]["template"])
-
-
 @task(name="read-model-card")
 def model_inputs(model: str) -> list[str]:
     """The columns the model at `model` reads (fails with the fix when it is not a loraflow model)."""
-    return input_columns(read_model_card(model_folder(model)))
+    return ModelManifest.read(model_folder(model)).columns
 
 
 def scratch_store() -> str:
@@ -96,45 +81,6 @@ def check_input(rows: Ref, columns: list[str], source: str) -> None:
             f"{source}: {len(violations)} problem(s) in the model's input columns (rows are the file's row "
             "numbers):\n" + "\n".join(f"  - {v}" for v in violations)
         )
-
-
-def _probabilities(folder: Path, info: dict[str, Any], frame: pd.DataFrame, batch_size: int) -> np.ndarray:
-    from tasks.scoring import softmax
-
-    if info["approach"] == "classifier":
-        from tasks.classify import classifier_tokenizer, join_inputs, load_classifier, predict_logits
-
-        tokenizer = classifier_tokenizer(folder)
-        model = load_classifier(folder, info["labels"], tokenizer, "auto")
-        inputs = join_inputs(frame, info["columns"], info.get("template"))
-        return softmax(
-            predict_logits(model, tokenizer, inputs, info["max_length"], batch_size, progress=True)
-        )
-    from tasks.models import load_causal_lm, load_tokenizer
-    from tasks.prompts import build_messages
-    from tasks.scoring import score_labels
-
-    prompt = PromptSettings.model_validate(info["prompt"])
-    tokenizer, model = load_tokenizer(folder), load_causal_lm(folder, "auto").eval()
-    prompts = [build_messages(prompt, row) for row in frame.to_dict("records")]
-    answers = info["answers"]  # in label order
-    return softmax(score_labels(model, tokenizer, prompts, answers, batch_size, progress=True))
-
-
-@task(name="predict-rows")
-def predict_rows(model: str, rows: Ref, batch_size: int) -> Ref:
-    """`predicted_label` and one `prob_<label>` column per label for every row, in input order."""
-    folder = model_folder(model)
-    info = read_model_card(folder)
-    frame = pd.read_parquet(rows.path)
-    probabilities = _probabilities(folder, info, frame, batch_size)
-    labels = info["labels"]
-    out = pd.DataFrame({PREDICTED: [labels[i] for i in probabilities.argmax(axis=1)]})
-    for j, label in enumerate(labels):
-        out[f"prob_{label}"] = probabilities[:, j]
-    path = Path(rows.path).with_name("predictions.parquet")
-    out.to_parquet(path, index=False)
-    return Ref(path=str(path), digest=rows.digest)
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:

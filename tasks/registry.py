@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from loraflow.config import LoraflowConfig
-from tasks.ingest import DataError, source_digests
-from tasks.store import MANIFEST, building, digest_of, link_tree
+from loraflow.tasks.ingest import DataError, source_digests
+from loraflow.tasks.store import MANIFEST, artifact_key, building, digest_of, link_tree, run_logger
 
 PRODUCTION = "production"
 HISTORY = "history.jsonl"
@@ -86,7 +87,8 @@ def settle_challenger(
     record the decision in history.jsonl; `champion` is None when there is none yet."""
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     challenger = {"run": run_dir, "macro_f1": metrics["finetuned"]["macro_f1"]}
-    record = record | {"challenger": challenger} | ({"champion": champion} if champion else {})
+    record = {k: record[k] for k in ("at", "data", "config")} | {"challenger": challenger}
+    record |= {"champion": champion} if champion else {}
     promoted = champion is None or challenger["macro_f1"] >= champion["macro_f1"]
     record |= {"promoted": promoted, "decision": "promoted" if promoted else "kept champion"}
     if promoted:
@@ -94,6 +96,44 @@ def settle_challenger(
     record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     append_history(config, record)
     return record
+
+
+@task(name="check-for-new-data")
+def open_attempt(config: LoraflowConfig) -> dict[str, Any]:
+    """A retraining attempt's opening record: when, the data files' sha256, the settings' digest, the current
+    champion, and `unchanged_since` (the time of the last attempt on the same data and settings, when there
+    is a champion: nothing to train) or None."""
+    sources, settings = source_digests(config.data), config_digest(config)
+    champion = production_model(config)
+    last = next((r for r in reversed(read_history(config)) if r["decision"] != "failed"), None)
+    unchanged = champion is not None and last and last["data"] == sources and last["config"] == settings
+    if unchanged:
+        run_logger().info(
+            "no new data: %s unchanged since %s; production stays %s", config.name, last["at"], champion
+        )
+    return {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": sources,
+        "config": settings,
+        "champion": str(champion) if champion else None,
+        "unchanged_since": last["at"] if unchanged else None,
+    }
+
+
+@task(name="announce-decision")
+def announce_decision(config: LoraflowConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """Log the promotion decision and publish it as the `<name>-promotion` markdown artifact; returns the
+    record with the production model now in place."""
+    production = production_model(config)
+    champion = record.get("champion")
+    summary = (
+        f"**{record['decision']}**: challenger macro-F1 {record['challenger']['macro_f1']:.4f}"
+        + (f" vs champion {champion['macro_f1']:.4f}" if champion else " (no champion)")
+        + f"; production: `{production}`; history: `{model_home(config) / HISTORY}`"
+    )
+    run_logger().info(summary)
+    create_markdown_artifact(key=f"{artifact_key(config.name)}-promotion", markdown=summary)
+    return record | {"production": str(production)}
 
 
 def failed_attempt(config: LoraflowConfig, started: datetime | None, error: str) -> dict[str, Any]:

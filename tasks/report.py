@@ -18,13 +18,14 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from loraflow.config import LoraflowConfig, dump_config
-from tasks.card import base_model_origin, render_model_card
-from tasks.evaluate import read_evaluation
-from tasks.ingest import read_meta
-from tasks.models import default_cache_dir
-from tasks.plots import dev_losses, draw_plots
-from tasks.store import Ref, link_tree, write_manifest
-from tasks.train import read_train_stats
+from loraflow.tasks.card import base_model_origin, render_model_card
+from loraflow.tasks.ingest import read_meta
+from loraflow.tasks.lora import read_train_stats
+from loraflow.tasks.manifest import ModelManifest
+from loraflow.tasks.metrics import read_evaluation
+from loraflow.tasks.models import default_cache_dir
+from loraflow.tasks.plots import dev_losses, draw_plots
+from loraflow.tasks.store import Ref, artifact_key, link_tree, write_manifest
 
 
 def build_metrics(
@@ -169,7 +170,7 @@ def write_run_folder(
             link_tree(Path(adapter.path) / "tensorboard", tmp / "tensorboard")
         link_tree(Path(merged.path), tmp / "merged")
         base_model, license_ = base_model_origin(config.model.name, Path(default_cache_dir()))
-        card = render_model_card(config, metrics, base_model, license_)
+        card = render_model_card(config, metrics, base_model, license_, ModelManifest.read(merged.path).card)
         (tmp / "merged" / "README.md").write_text(card, encoding="utf-8")
         _predictions(finetuned, baseline).to_parquet(tmp / "predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -215,8 +216,3 @@ def write_run_folder(
         description=f"Baseline vs fine-tuned on {metrics['n_dev']} dev rows",
     )
     return str(final)
-
-
-def artifact_key(name: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "run"

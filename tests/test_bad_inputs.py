@@ -26,8 +26,8 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import FlowRunSort
 
 from loraflow.cli import main
-from tasks.ingest import LABEL, read_split
-from tasks.store import Ref
+from loraflow.tasks.ingest import LABEL, read_split
+from loraflow.tasks.store import Ref
 from tests.tiny import geo_rows
 
 pytestmark = pytest.mark.flow

@@ -40,7 +40,7 @@ def test_the_gpu_scripts_scoring_needs_no_orchestration_packages() -> None:
         "        raise ImportError('not on the GPU machine: ' + name)\n"
         "    return real(name, *args, **kwargs)\n"
         "builtins.__import__ = guard\n"
-        "import tasks.scoring, tests.tiny\n"
+        "import loraflow.tasks.generative.scoring, tests.tiny\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120

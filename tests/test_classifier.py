@@ -13,31 +13,25 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, pipeline
 
-from flows.classifier import train_classifier
 from loraflow.cli import main
 from loraflow.config import ClassifierSettings, ContractSettings, LoraSettings, TrainSettings, load_config
 from loraflow.errors import ConfigError, DataError
-from tasks.classify import (
+from loraflow.flows.classifier import train_classifier
+from loraflow.tasks.classifier.merge import merge_classifier
+from loraflow.tasks.classifier.prepare import (
     LABEL_ID,
     TEXT,
     TEXT_PAIR,
-    class_weights,
-    classifier_tokenizer,
     join_inputs,
-    load_classifier,
     map_labels,
-    merge_classifier,
-    predict_logits,
-    read_encoded,
     read_label_map,
-    tokenize,
-    train_classifier_head,
-    weighted_cross_entropy,
 )
-from tasks.contracts import check_contract
-from tasks.ingest import ingest_table
-from tasks.models import load_tokenizer
-from tasks.store import Ref
+from loraflow.tasks.classifier.scoring import classifier_tokenizer, load_classifier, predict_logits, tokenize
+from loraflow.tasks.classifier.train import class_weights, train_classifier_head, weighted_cross_entropy
+from loraflow.tasks.contracts import check_contract
+from loraflow.tasks.ingest import ingest_table, read_split
+from loraflow.tasks.models import load_tokenizer
+from loraflow.tasks.store import Ref
 from tests.tiny import build_tiny_bert
 
 pytestmark = pytest.mark.flow
@@ -128,7 +122,7 @@ def test_label_ids_are_inferred_from_any_label_type(tmp_path: Path, values: list
     label_map = read_label_map(ref)
     assert label_map["labels"] == labels
     assert label_map["label2id"] == {label: i for i, label in enumerate(labels)}
-    train = read_encoded(ref, "train")
+    train = read_split(ref, "train")
     assert [labels[i] for i in train[LABEL_ID]] == train["label"].tolist()
 
 
@@ -216,7 +210,7 @@ def test_class_weights_change_the_loss() -> None:
 
 def test_batches_with_padding_give_the_same_logits_as_single_rows(encoded: tuple, tiny_model: Path) -> None:
     ref, _, _ = encoded
-    dev = read_encoded(ref, "dev")
+    dev = read_split(ref, "dev")
     assert dev[TEXT].str.len().nunique() > 1  # rows of different lengths: batches need padding
     tokenizer = classifier_tokenizer(tiny_model)
     model = load_classifier(tiny_model, read_label_map(ref)["labels"], tokenizer, "float32")
@@ -242,7 +236,7 @@ def test_head_survives_merge_and_reload_and_pipeline_names_the_labels(encoded: t
     tokenizer = load_tokenizer(merged.path)
     base = load_classifier(model.path, labels, tokenizer, "float32")
     adapted = PeftModel.from_pretrained(base, str(Path(adapter.path) / "adapter")).eval()
-    dev = read_encoded(ref, "dev")
+    dev = read_split(ref, "dev")
     merged_logits = predict_logits(reloaded, tokenizer, dev, TRAIN.max_length)
     np.testing.assert_allclose(
         merged_logits, predict_logits(adapted, tokenizer, dev, TRAIN.max_length), atol=1e-4

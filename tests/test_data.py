@@ -11,11 +11,11 @@ from openpyxl import Workbook
 
 from loraflow.config import ContractSettings, DataSettings, PromptSettings
 from loraflow.errors import DataError
-from tasks.contracts import check_contract
-from tasks.ingest import LABEL, ROW, ingest_table, read_meta, read_split, split_stratified
-from tasks.models import load_tokenizer
-from tasks.prompts import PROMPT, format_prompts, read_prompts, render
-from tasks.scoring import encode_choices
+from loraflow.tasks.contracts import check_contract
+from loraflow.tasks.generative.prepare import PROMPT, format_prompts, read_prompts, render
+from loraflow.tasks.generative.scoring import encode_choices
+from loraflow.tasks.ingest import LABEL, ROW, ingest_table, read_meta, read_split, split_stratified
+from loraflow.tasks.models import load_tokenizer
 from tests.tiny import geo_rows
 
 pytestmark = pytest.mark.unit

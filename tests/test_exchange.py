@@ -8,8 +8,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from tasks.exchange import fetch, publish
-from tasks.store import MANIFEST, Ref, building
+from loraflow.tasks.exchange import fetch, publish
+from loraflow.tasks.store import MANIFEST, Ref, building
 
 
 def _finished_folder(store: Path) -> Ref:

@@ -13,15 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import LoraSettings, TrainSettings, load_config
-from tasks.ingest import ingest_table
-from tasks.launch import launch_command, read_spec, write_spec
-from tasks.prompts import format_prompts
-from tasks.store import Ref, is_complete
+from loraflow.config import ClassifierSettings, LoraSettings, TrainSettings, load_config
+from loraflow.tasks.classifier.train import ClassifierTrainJob
+from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.tasks.generative.train import GenerativeTrainJob
+from loraflow.tasks.ingest import ingest_table
+from loraflow.tasks.launch import launch_command, read_spec, write_spec
+from loraflow.tasks.store import Ref, is_complete
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = TrainSettings(max_steps=3, batch_size=4, lr=0.01, save_steps=2, logging_steps=1, max_length=128)
+
+
+GENERATIVE = "loraflow.tasks.generative.train:train_generative_adapter"  # what train_adapter launches
 
 
 def test_the_launch_command_starts_one_ddp_process_per_gpu_through_accelerate(tmp_path: Path) -> None:
@@ -29,7 +34,7 @@ def test_the_launch_command_starts_one_ddp_process_per_gpu_through_accelerate(tm
     command = launch_command(4, spec, bf16=True)
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     flags = dict(zip(command[3::2], command[4::2], strict=False))
-    assert "--multi_gpu" in command and command[-3:] == ["--module", "tasks.launch", str(spec)]
+    assert "--multi_gpu" in command and command[-3:] == ["--module", "loraflow.tasks.launch", str(spec)]
     assert command[command.index("--num_processes") + 1] == "4"
     assert command[command.index("--num_machines") + 1] == "1"
     assert command[command.index("--mixed_precision") + 1] == "bf16"
@@ -42,7 +47,7 @@ def test_the_launch_command_starts_one_ddp_process_per_gpu_through_accelerate(tm
 
     parsed = launch_command_parser().parse_args(command[3:])
     assert parsed.multi_gpu and parsed.num_processes == 4 and parsed.module
-    assert parsed.training_script == "tasks.launch" and parsed.training_script_args == [str(spec)]
+    assert parsed.training_script == "loraflow.tasks.launch" and parsed.training_script_args == [str(spec)]
 
 
 def test_the_spec_rebuilds_the_arguments_exactly(tmp_path: Path) -> None:
@@ -54,10 +59,15 @@ def test_the_spec_rebuilds_the_arguments_exactly(tmp_path: Path) -> None:
         "train": TRAIN,
         "dtype": "float32",
     }
-    path = write_spec("generative", arguments, tmp_path / "spec.json")
-    assert read_spec(path) == ("generative", arguments)
-    with pytest.raises(ValueError, match="generative training takes"):
-        write_spec("generative", {**arguments, "classifier": None}, tmp_path / "bad.json")
+    job = GenerativeTrainJob(**arguments)
+    path = write_spec(GENERATIVE, job, tmp_path / "spec.json")
+    assert read_spec(path) == (GENERATIVE, job)
+    with pytest.raises(ValueError, match="classifier"):  # the job model takes exactly its fields
+        GenerativeTrainJob(**arguments, classifier=None)
+    encoded = {k: v for k, v in arguments.items() if k != "prompts"} | {"encoded": arguments["prompts"]}
+    other = ClassifierTrainJob(**encoded, classifier=ClassifierSettings())
+    with pytest.raises(ValueError, match="train_generative_adapter takes a GenerativeTrainJob"):
+        write_spec(GENERATIVE, other, tmp_path / "bad.json")
 
 
 @pytest.mark.flow
@@ -69,15 +79,15 @@ def test_two_ddp_processes_train_one_adapter_and_only_the_first_saves(
     splits = ingest_table.fn(config.data, config.input_columns, store)
     prompts = format_prompts.fn(splits, config.prompt, config.data.answers, store)
     folder = tmp_path / "store" / "train-ddp"
-    arguments = {
-        "folder": folder,
-        "prompts": prompts,
-        "model": Ref(path=str(tiny_model), digest="tiny"),
-        "lora": LoraSettings(r=4),
-        "train": TRAIN,
-        "dtype": "float32",
-    }
-    spec = write_spec("generative", arguments, tmp_path / "spec.json")
+    job = GenerativeTrainJob(
+        folder=folder,
+        prompts=prompts,
+        model=Ref(path=str(tiny_model), digest="tiny"),
+        lora=LoraSettings(r=4),
+        train=TRAIN,
+        dtype="float32",
+    )
+    spec = write_spec(GENERATIVE, job, tmp_path / "spec.json")
     # The module accelerate runs, under torchrun: the same DDP environment (RANK, WORLD_SIZE) on CPU.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,7 +95,7 @@ def test_two_ddp_processes_train_one_adapter_and_only_the_first_saves(
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}  # DDP over gloo
     result = subprocess.run(
-        [*torchrun, "-m", "tasks.launch", str(spec)],
+        [*torchrun, "-m", "loraflow.tasks.launch", str(spec)],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -9,7 +9,7 @@ import pytest
 
 from loraflow.config import ModelSettings
 from loraflow.errors import ModelError
-from tasks.models import hf_token, resolve_model
+from loraflow.tasks.models import hf_token, resolve_model
 
 pytestmark = pytest.mark.unit
 

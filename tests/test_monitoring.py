@@ -12,13 +12,14 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.generative import train_generative
 from loraflow.cli import main
 from loraflow.config import HubSettings, load_config
 from loraflow.errors import ModelError
-from tasks.card import front_matter, render_model_card
-from tasks.hub import push_to_hub
-from tasks.plots import PLOTS
+from loraflow.flows.generative import train_generative
+from loraflow.tasks.card import front_matter, render_model_card
+from loraflow.tasks.classifier.merge import card_usage
+from loraflow.tasks.hub import push_to_hub
+from loraflow.tasks.plots import PLOTS
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.flow
@@ -104,7 +105,8 @@ def test_the_model_card_names_the_base_model_and_the_metrics(two_runs: dict, tin
         "n_train": 40,
         "data": {"sources": {"/x/train.tsv": "abc"}},
     }
-    classifier = front_matter(render_model_card(config, metrics, "acme/base", "apache-2.0"))
+    usage = card_usage(sentence_pair=False)  # what the classifier's merge records in loraflow.json
+    classifier = front_matter(render_model_card(config, metrics, "acme/base", "apache-2.0", usage))
     assert classifier["pipeline_tag"] == "text-classification" and classifier["license"] == "apache-2.0"
 
 

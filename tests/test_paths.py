@@ -12,14 +12,14 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from flows.generative import train_generative
-from flows.predict import predict
-from flows.retrain import retrain
 from loraflow.cli import main
 from loraflow.config import LoraflowConfig, absolute_paths
 from loraflow.errors import ConfigError
-from tasks.paths import settle_paths
-from tasks.registry import read_history
+from loraflow.flows.generative import train_generative
+from loraflow.flows.predict import predict
+from loraflow.flows.retrain import retrain
+from loraflow.tasks.paths import settle_paths
+from loraflow.tasks.registry import read_history
 from tests.conftest import write_config
 
 

@@ -8,16 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.predict import predict
 from loraflow.cli import main
 from loraflow.config import ClassifierSettings, LoraSettings, load_config
-from tasks.classify import map_labels, merge_classifier, train_classifier_head
-from tasks.ingest import ingest_table
-from tasks.merge import merge_adapter
-from tasks.predict import PREDICTED
-from tasks.prompts import format_prompts
-from tasks.store import Ref
-from tasks.train import train_adapter
+from loraflow.flows.predict import predict
+from loraflow.tasks.classifier.merge import merge_classifier
+from loraflow.tasks.classifier.prepare import map_labels
+from loraflow.tasks.classifier.train import train_classifier_head
+from loraflow.tasks.generative.merge import merge_adapter
+from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.tasks.generative.train import train_adapter
+from loraflow.tasks.ingest import ingest_table
+from loraflow.tasks.predict import PREDICTED
+from loraflow.tasks.store import Ref
 from tests.conftest import write_config
 from tests.test_classifier import TRAIN as CLS_TRAIN
 from tests.test_classifier import pair_rows, write_pair_config

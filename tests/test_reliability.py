@@ -18,17 +18,17 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from transformers import LlamaForCausalLM, Trainer
 
-import tasks.ingest
-import tasks.report
-from flows.generative import train_generative
-from flows.validate import validate_data
+import loraflow.tasks.ingest
+import loraflow.tasks.report
 from loraflow.config import ModelSettings, load_config
 from loraflow.errors import DataError, ModelError, ResourceError
-from tasks.ingest import ingest_table
-from tasks.models import load_causal_lm, resolve_model
-from tasks.prompts import format_prompts
-from tasks.store import Ref, building, is_complete
-from tasks.train import train_adapter
+from loraflow.flows.generative import train_generative
+from loraflow.flows.validate import validate_data
+from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.tasks.generative.train import train_adapter
+from loraflow.tasks.ingest import ingest_table
+from loraflow.tasks.models import load_causal_lm, resolve_model
+from loraflow.tasks.store import Ref, building, is_complete
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.flow
@@ -115,7 +115,7 @@ def test_a_crash_while_writing_leaves_nothing_that_looks_finished(
     def crash(*_args: object, **_kwargs: object) -> str:
         raise OSError("killed while writing report.md")
 
-    monkeypatch.setattr(tasks.report, "render_report", crash)
+    monkeypatch.setattr(loraflow.tasks.report, "render_report", crash)
     config = load_config(write_config(tmp_path / "task", tiny_model, train={"max_steps": 2}))
     state = train_generative(config, return_state=True)
     assert state.is_failed()
@@ -130,7 +130,7 @@ def test_transient_faults_are_retried_and_user_errors_are_not(
     prefect_server: None, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = load_config(write_config(tmp_path / "task", tiny_model))
-    real, calls = tasks.ingest.read_table, []
+    real, calls = loraflow.tasks.ingest.read_table, []
 
     def flaky(*args: object, **kwargs: object) -> object:
         calls.append(1)
@@ -138,7 +138,7 @@ def test_transient_faults_are_retried_and_user_errors_are_not(
             raise OSError("network file system hiccup")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.ingest, "read_table", flaky)
+    monkeypatch.setattr(loraflow.tasks.ingest, "read_table", flaky)
     state = validate_data(config, return_state=True)
     assert state.is_completed() and len(calls) == 3  # failed once, retried: train + dev read
     with get_client(sync_client=True) as client:
@@ -157,7 +157,7 @@ def test_transient_faults_are_retried_and_user_errors_are_not(
         calls.append(1)
         raise DataError("train.xlsx: a user's mistake")
 
-    monkeypatch.setattr(tasks.ingest, "read_table", mistaken)
+    monkeypatch.setattr(loraflow.tasks.ingest, "read_table", mistaken)
     fresh = load_config(write_config(tmp_path / "other", tiny_model))
     assert validate_data(fresh, return_state=True).is_failed() and len(calls) == 1  # not retried
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import flows.retrain
-from flows.retrain import retrain
+import loraflow.flows.retrain
 from loraflow.cli import main
 from loraflow.config import load_config
-from tasks.registry import read_history
+from loraflow.flows.retrain import retrain
+from loraflow.tasks.registry import read_history
 from tests.conftest import write_config
 from tests.tiny import geo_rows
 
@@ -52,7 +52,7 @@ def test_retrain_promotes_skips_unchanged_data_and_keeps_a_better_champion(
     champion_now = production.resolve()
 
     # A challenger worse than the champion never replaces it.
-    monkeypatch.setattr(flows.retrain, "champion_score", lambda *args: (1.01, "patched"))
+    monkeypatch.setattr(loraflow.flows.retrain, "champion_score", lambda *args: (1.01, "patched"))
     _append_rows(tmp_path / "task" / "train.xlsx", 8, seed=6)
     fourth = retrain(load_config(path))
     assert fourth["decision"] == "kept champion" and production.resolve() == champion_now

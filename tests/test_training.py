@@ -14,17 +14,18 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-import tasks.train
+import loraflow.tasks.generative.train
 from loraflow.config import EvalSettings, LoraSettings, PromptSettings, TrainSettings, load_config
 from loraflow.errors import ConfigError
-from tasks.evaluate import evaluate_model, read_evaluation
-from tasks.ingest import ingest_table
-from tasks.merge import merge_adapter
-from tasks.models import load_causal_lm, load_tokenizer
-from tasks.prompts import PROMPT, format_prompts, read_answers, read_prompts
-from tasks.scoring import answer_spans, encode_choices, score_labels
-from tasks.store import Ref
-from tasks.train import fit_adapter, fit_prompts, train_adapter
+from loraflow.tasks.generative.evaluate import evaluate_model
+from loraflow.tasks.generative.merge import merge_adapter
+from loraflow.tasks.generative.prepare import PROMPT, format_prompts, read_answers, read_prompts
+from loraflow.tasks.generative.scoring import answer_spans, encode_choices, score_labels
+from loraflow.tasks.generative.train import fit_adapter, fit_prompts, train_adapter
+from loraflow.tasks.ingest import ingest_table
+from loraflow.tasks.metrics import read_evaluation
+from loraflow.tasks.models import load_causal_lm, load_tokenizer
+from loraflow.tasks.store import Ref
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.flow
@@ -132,15 +133,15 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(
     prepared: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompts, model, _, store = prepared
-    real = tasks.train.training_callbacks
-    monkeypatch.setattr(tasks.train, "training_callbacks", lambda: [*real(), _CrashAt(3)])
+    real = loraflow.tasks.generative.train.training_callbacks
+    monkeypatch.setattr(loraflow.tasks.generative.train, "training_callbacks", lambda: [*real(), _CrashAt(3)])
     with pytest.raises(RuntimeError, match="simulated crash at step 3"):
         train_adapter.fn(prompts, model, LoraSettings(r=4), TRAIN, "float32", store)
     checkpoints = sorted(Path(store).glob("train-*.checkpoints/checkpoint-*"))
     assert [p.name for p in checkpoints] == ["checkpoint-2"]
     assert not list(Path(store).glob("train-*[0-9a-f]/MANIFEST.json"))  # nothing looks finished
 
-    monkeypatch.setattr(tasks.train, "training_callbacks", real)
+    monkeypatch.setattr(loraflow.tasks.generative.train, "training_callbacks", real)
     adapter = train_adapter.fn(prompts, model, LoraSettings(r=4), TRAIN, "float32", store)
     stats = json.loads((Path(adapter.path) / "train.json").read_text())
     assert stats["resumed_from_step"] == 2 and stats["steps"] == 4
@@ -220,6 +221,8 @@ def test_gradient_checkpointing_setting_reaches_the_trainer_under_its_transforme
 ) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        args = tasks.train.build_training_args(TrainSettings(gradient_checkpointing=on), tmp_path, bf16=False)
+        args = loraflow.tasks.generative.train.build_training_args(
+            TrainSettings(gradient_checkpointing=on), tmp_path, bf16=False
+        )
     assert args.activation_checkpointing is on and args.gradient_checkpointing is on
     assert not [w for w in caught if "checkpointing" in str(w.message)]

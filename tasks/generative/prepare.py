@@ -8,29 +8,18 @@ chat template is applied later, by the trainer and the scorer, from the same mes
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from prefect import task
 
-from loraflow.config import LabelKey, PromptSettings, normalize_label
-from tasks.ingest import LABEL, read_meta, read_split
-from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
+from loraflow.config import LabelKey, PromptSettings, normalize_label, render
+from loraflow.tasks.ingest import LABEL, read_meta, read_split
+from loraflow.tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
 
 PROMPT = "prompt"  # list of {"role", "content"} messages: system (optional) + user
 COMPLETION = "completion"  # one assistant message holding the label's answer
-
-
-def render(template: str, row: dict[str, Any]) -> str:
-    """Fill `{column}` fields with the row's cell text, inserted literally."""
-    pieces = []
-    for literal, name, _spec, _conversion in string.Formatter().parse(template):
-        pieces.append(literal)
-        if name is not None:
-            pieces.append(str(row[name]))
-    return "".join(pieces)
 
 
 def build_messages(prompt: PromptSettings, row: dict[str, Any]) -> list[dict[str, str]]:
@@ -68,7 +57,7 @@ def format_prompts(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, 
 
 def read_prompts(ref: Ref, split: str) -> pd.DataFrame:
     """One split written by `format_prompts` (messages as lists of dicts)."""
-    frame = pd.read_parquet(Path(ref.path) / f"{split}.parquet")
+    frame = read_split(ref, split)
     for column in (PROMPT, COMPLETION):
         frame[column] = frame[column].map(lambda messages: [dict(m) for m in messages])
     return frame

@@ -1,25 +1,25 @@
-"""Evaluation by label scoring (tasks/scoring.py): no free generation and no answer parsing. The same scorer
-serves the zero-shot baseline (base model, same prompt) and the fine-tuned model; the metrics, the saved
-predictions and the evaluate task live here.
+"""Metrics and evaluation storage both approaches share: accuracy, macro-F1, per-class figures and the
+confusion matrix; predictions.parquet and metrics.json of an evaluation, and reading them back.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
-from loraflow.config import EvalSettings
-from tasks.ingest import LABEL
-from tasks.models import load_causal_lm, load_tokenizer
-from tasks.prompts import COMPLETION, PROMPT, read_answers, read_prompts
-from tasks.scoring import score_labels, softmax
-from tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
+from loraflow.tasks.ingest import LABEL
+from loraflow.tasks.store import Ref, building
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of label scores into probabilities."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def classification_metrics(
@@ -51,27 +51,12 @@ def classification_metrics(
     }
 
 
-@task(name="evaluate", cache_policy=CONTENT_CACHE)
-def evaluate_model(
-    model: Ref, prompts: Ref, kind: str, settings: EvalSettings, dtype: str, store: str
-) -> Ref:
-    """Score the dev split with `model`; write predictions.parquet and metrics.json."""
-    key = digest_of("evaluate", model.digest, prompts.digest, kind, settings, dtype)
-    folder = work_dir(store, "evaluate", key)
-    if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
-    labels, answers = read_answers(prompts)
-    dev = read_prompts(prompts, "dev")
-    tokenizer = load_tokenizer(model.path)
-    network = load_causal_lm(model.path, dtype)
-    started = time.perf_counter()
-    scores = score_labels(network, tokenizer, dev[PROMPT].tolist(), answers, settings.batch_size)
-    seconds = time.perf_counter() - started
-    gold = [labels.index(label) for label in dev[LABEL]]
-    loss = float(-scores[np.arange(len(gold)), gold].mean())  # the dev loss: -log p(gold answer), per row
-    rows = dev.drop(columns=[PROMPT, COMPLETION])
-    save_evaluation(folder, rows, labels, softmax(scores), kind, seconds, extra={"answer_loss": loss})
-    return Ref(path=str(folder), digest=key)
+def label_columns(labels: list[str], probabilities: np.ndarray, predicted: str) -> pd.DataFrame:
+    """The argmax label (column `predicted`) and one `prob_<label>` column per label, a row per input row."""
+    out = pd.DataFrame({predicted: [labels[i] for i in probabilities.argmax(axis=1)]})
+    for i, label in enumerate(labels):
+        out[f"prob_{label}"] = probabilities[:, i]
+    return out
 
 
 def save_evaluation(
@@ -84,11 +69,9 @@ def save_evaluation(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write predictions.parquet (dev rows + gold, predicted, prob_<label>) and metrics.json to `folder`."""
-    predicted = [labels[i] for i in probabilities.argmax(axis=1)]
-    predictions = dev.rename(columns={LABEL: "gold"})
-    predictions["predicted"] = predicted
-    for i, label in enumerate(labels):
-        predictions[f"prob_{label}"] = probabilities[:, i]
+    scored = label_columns(labels, probabilities, "predicted")
+    predicted = scored["predicted"].tolist()
+    predictions = pd.concat([dev.rename(columns={LABEL: "gold"}).reset_index(drop=True), scored], axis=1)
     metrics = classification_metrics(dev[LABEL].tolist(), predicted, labels, kind)
     metrics["eval"] = {
         "seconds": round(seconds, 3),

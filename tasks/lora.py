@@ -1,8 +1,6 @@
-"""LoRA training of the generative approach: TRL's SFTTrainer on prompt/completion chat messages.
-
-Reads top to bottom: data → tokenizer → model → LoRA config → trainer → train → save. The loss is on the
-answer tokens only (prompt-completion data), batches are padded dynamically, and checkpoints go to a
-folder named by the inputs' digest, so a retried task or a re-run flow resumes from the last one.
+"""LoRA training plumbing both approaches share, knowing neither: the peft and Trainer builders, MLflow
+tracking, the callbacks that log to Prefect, resume from the last checkpoint, out-of-memory advice and
+saving a finished adapter folder.
 """
 
 from __future__ import annotations
@@ -17,31 +15,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
-from datasets import Dataset
 from peft import LoraConfig
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.exceptions import MissingContextError
-from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, set_seed
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig, SFTTrainer
 
 from loraflow.config import LoraSettings, TrainSettings
 from loraflow.errors import ConfigError, ResourceError
-from tasks.launch import train_once
-from tasks.models import load_causal_lm, load_tokenizer, peft_quietly, uses_bf16
-from tasks.prompts import COMPLETION, PROMPT, read_prompts
-from tasks.scoring import encode_choices
-from tasks.store import (
-    CONTENT_CACHE,
+from loraflow.tasks.store import (
     Ref,
     building,
-    digest_of,
-    retry_unless_user_error,
     run_logger,
-    work_dir,
 )
 
 
@@ -103,14 +90,9 @@ def work_settings(train: TrainSettings) -> dict[str, Any]:
     return train.model_dump(mode="json", exclude={"tracking_uri"})
 
 
-def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> SFTConfig:
-    """SFTConfig from the train settings: answer-only loss on prompt/completion rows."""
-    return SFTConfig(
-        **trainer_arguments(train, output_dir, bf16), max_length=train.max_length, completion_only_loss=True
-    )
-
-
 PROGRESS_KEY = "training-progress"
+
+
 PROGRESS_SECONDS = 5.0  # the progress artifact is updated at most this often (and at the end)
 
 
@@ -189,70 +171,6 @@ def _one_copy_of_each_log_line(trainer: Trainer) -> None:
         trainer.add_callback(_ProgressBar)
 
 
-def fit_prompts(tokenizer: Any, frame: pd.DataFrame, max_length: int) -> tuple[pd.DataFrame, int]:
-    """Rows whose prompt + answer exceed max_length tokens get the end of their last user message cut (marked
-    with "…") until they fit, so the trainer never cuts the answer. Returns (rows, how many were cut)."""
-    prompts, cut = [], 0
-    for messages, completion in zip(frame[PROMPT], frame[COMPLETION], strict=True):
-        fitted = _fit_prompt(tokenizer, [dict(m) for m in messages], completion[0]["content"], max_length)
-        prompts.append(fitted or [dict(m) for m in messages])
-        cut += fitted is not None
-    return frame.assign(**{PROMPT: prompts}), cut
-
-
-def _fit_prompt(
-    tokenizer: Any, messages: list[dict[str, str]], answer: str, max_length: int
-) -> list[dict[str, str]] | None:
-    """The messages with the end of the last user message cut so that prompt + answer fit, or None if they
-    already do."""
-
-    def length(n: int | None) -> int:
-        return len(encode_choices(tokenizer, shortened(n), [answer])[0][0])
-
-    def shortened(n: int | None) -> list[dict[str, str]]:
-        if n is None:
-            return messages
-        return [*messages[:user], {**messages[user], "content": text[:n] + "…"}, *messages[user + 1 :]]
-
-    if length(None) <= max_length:
-        return None
-    user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    text = messages[user]["content"]
-    if length(0) > max_length:
-        raise ConfigError(
-            f"train.max_length is {max_length} tokens but the prompt's fixed text and the answer alone take "
-            f"{length(0)}: raise train.max_length or shorten prompt.system"
-        )
-    low, high = 0, len(text)  # the longest opening of the text that fits: shortened(low) always does
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if length(middle) <= max_length else (low, middle - 1)
-    return shortened(low)
-
-
-def fit_adapter(
-    dataset: Dataset, model_path: str, lora: LoraSettings, train: TrainSettings, dtype: str, checkpoints: Path
-) -> tuple[SFTTrainer, int]:
-    """Train LoRA on prompt/completion rows; resume from the last checkpoint in `checkpoints` if any.
-
-    Returns the trainer (its model is the PEFT model) and the step it resumed from (0 for a fresh start).
-    """
-    tracking_setup(train)
-    tokenizer = load_tokenizer(model_path)
-    set_seed(train.seed)  # LoRA's initial weights come from the global RNG
-    network = load_causal_lm(model_path, dtype)
-    with peft_quietly():
-        trainer = SFTTrainer(
-            model=network,
-            args=build_training_args(train, checkpoints, bf16=uses_bf16(dtype)),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=build_lora_config(lora),
-            callbacks=training_callbacks(),
-        )
-    return trainer, train_resuming(trainer, checkpoints)
-
-
 def train_resuming(trainer: Trainer, checkpoints: Path) -> int:
     """`trainer.train`, resumed from the last checkpoint in `checkpoints`; returns its step (0 = fresh)."""
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
@@ -317,49 +235,6 @@ def save_trained(
         (tmp / "train.json").write_text(json.dumps(stats, indent=1))
         (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
-
-
-def train_generative_adapter(
-    folder: Path, prompts: Ref, model: Ref, lora: LoraSettings, train: TrainSettings, dtype: str
-) -> None:
-    """Train LoRA on the formatted train split into `folder` (one process; one of several under DDP)."""
-    checkpoints = folder.with_name(f"{folder.name}.checkpoints")
-    frame, truncated = fit_prompts(
-        load_tokenizer(model.path), read_prompts(prompts, "train"), train.max_length
-    )
-    dataset = Dataset.from_pandas(frame[[PROMPT, COMPLETION]], preserve_index=False)
-    started = time.perf_counter()
-    trainer, resumed_from = fit_adapter(dataset, model.path, lora, train, dtype, checkpoints)
-    seconds = time.perf_counter() - started
-    if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
-        save_trained(folder, trainer, seconds, resumed_from, truncated, checkpoints)
-
-
-@task(
-    name="train-adapter",
-    cache_policy=CONTENT_CACHE,
-    retries=1,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_unless_user_error,
-)
-def train_adapter(
-    prompts: Ref,
-    model: Ref,
-    lora: LoraSettings,
-    train: TrainSettings,
-    dtype: str,
-    store: str,
-    processes: int = 1,
-) -> Ref:
-    """Train a LoRA adapter on the formatted train split; resume from the last checkpoint if one exists.
-
-    With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
-    """
-    key = digest_of("train", prompts.digest, model.digest, lora, work_settings(train), dtype, processes)
-    folder = work_dir(store, "train", key)
-    arguments = {"folder": folder, "prompts": prompts, "model": model, "lora": lora, "train": train}
-    train_once("generative", arguments, processes, dtype)
-    return Ref(path=str(folder), digest=key)
 
 
 def read_train_stats(ref: Ref) -> dict[str, Any]:

@@ -184,10 +184,3 @@ def _shared_prefix(prompts: list[list[int]]) -> list[int]:
     for prompt in prompts[1:]:
         n = min(n, _common_prefix(first[:n], prompt))
     return first[: max(n, 0)]
-
-
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of label scores into probabilities."""
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)

@@ -1,0 +1,1 @@
+"""Great Expectations suites (JSON) that configs extend their data contract with (package data)."""

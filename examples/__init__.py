@@ -1,0 +1,1 @@
+"""The embedded examples (package data): geo (generative), pairs (classifier); config.yaml + data each."""

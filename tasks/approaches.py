@@ -1,0 +1,104 @@
+"""The one place that maps an approach name to its package, for the steps where the approach is known only at
+run time: training, merge and evaluation on a GPU worker (the `fit` flow), re-scoring a registry champion,
+and predicting with a model folder. Each approach's tasks take only the settings they use; the functions
+here pick those out of the config. Nothing else branches on the approach name, except the two training
+flows, which are each one approach.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from loraflow.config import LoraflowConfig
+from loraflow.tasks.classifier import predict as classifier_predict
+from loraflow.tasks.classifier.evaluate import evaluate_classifier, majority_baseline
+from loraflow.tasks.classifier.merge import merge_classifier
+from loraflow.tasks.classifier.prepare import map_labels
+from loraflow.tasks.classifier.train import train_classifier_head
+from loraflow.tasks.generative import predict as generative_predict
+from loraflow.tasks.generative.evaluate import evaluate_model
+from loraflow.tasks.generative.merge import merge_adapter
+from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.tasks.generative.train import train_adapter
+from loraflow.tasks.manifest import ModelManifest
+from loraflow.tasks.metrics import label_columns
+from loraflow.tasks.models import default_cache_dir, resolve_model
+from loraflow.tasks.predict import PREDICTED, model_folder
+from loraflow.tasks.store import Ref
+
+Outputs = dict[str, Ref | None]  # adapter, merged, baseline, finetuned
+
+
+def _fit_generative(config: LoraflowConfig, prompts: Ref, store: str) -> Outputs:
+    dtype = config.model.dtype
+    model = resolve_model(config.model, default_cache_dir())
+    adapter = train_adapter(prompts, model, config.lora, config.train, dtype, store, config.compute.processes)
+    merged = merge_adapter(adapter, model, prompts, config.prompt, dtype, store)
+    baseline = (
+        evaluate_model(model, prompts, "zero-shot", config.eval, dtype, store)
+        if config.eval.baseline
+        else None
+    )
+    finetuned = evaluate_model(merged, prompts, "finetuned", config.eval, dtype, store)
+    return {"adapter": adapter, "merged": merged, "baseline": baseline, "finetuned": finetuned}
+
+
+def _fit_classifier(config: LoraflowConfig, encoded: Ref, store: str) -> Outputs:
+    dtype, max_length = config.model.dtype, config.train.max_length
+    model = resolve_model(config.model, default_cache_dir())
+    adapter = train_classifier_head(
+        encoded, model, config.lora, config.train, config.classifier, dtype, store, config.compute.processes
+    )
+    merged = merge_classifier(adapter, model, encoded, max_length, dtype, store)
+    baseline = majority_baseline(encoded, store) if config.eval.baseline else None
+    finetuned = evaluate_classifier(merged, encoded, config.eval, max_length, dtype, store)
+    return {"adapter": adapter, "merged": merged, "baseline": baseline, "finetuned": finetuned}
+
+
+def _score_generative(config: LoraflowConfig, splits: Ref, model: Ref, store: str) -> Ref:
+    prompts = format_prompts(splits, config.prompt, config.data.answers, store)
+    return evaluate_model(model, prompts, "champion", config.eval, config.model.dtype, store)
+
+
+def _score_classifier(config: LoraflowConfig, splits: Ref, model: Ref, store: str) -> Ref:
+    encoded = map_labels(splits, config.input_columns, config.classifier, store)
+    max_length, dtype = config.train.max_length, config.model.dtype
+    return evaluate_classifier(model, encoded, config.eval, max_length, dtype, store, kind="champion")
+
+
+@dataclass(frozen=True)
+class Approach:
+    """What the run-time steps need of one approach."""
+
+    fit: Callable[[LoraflowConfig, Ref, str], Outputs]  # prepared data → model, adapter, merged, evaluations
+    score: Callable[[LoraflowConfig, Ref, Ref, str], Ref]  # (splits, a merged model) → its dev evaluation
+    probabilities: Callable[[Path, ModelManifest, pd.DataFrame, int], np.ndarray]  # a model folder's
+
+
+APPROACHES = {
+    "generative": Approach(_fit_generative, _score_generative, generative_predict.probabilities),
+    "classifier": Approach(_fit_classifier, _score_classifier, classifier_predict.probabilities),
+}
+
+
+def approach(name: str) -> Approach:
+    """The approach called `name` (the config's `approach`, or a model folder's loraflow.json)."""
+    return APPROACHES[name]
+
+
+@task(name="predict-rows")
+def predict_rows(model: str, rows: Ref, batch_size: int) -> Ref:
+    """`predicted_label` and one `prob_<label>` column per label for every row, in input order."""
+    folder = model_folder(model)
+    manifest = ModelManifest.read(folder)
+    frame = pd.read_parquet(rows.path)
+    probabilities = approach(manifest.approach).probabilities(folder, manifest, frame, batch_size)
+    path = Path(rows.path).with_name("predictions.parquet")
+    label_columns(manifest.labels, probabilities, PREDICTED).to_parquet(path, index=False)
+    return Ref(path=str(path), digest=rows.digest)

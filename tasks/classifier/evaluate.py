@@ -1,0 +1,79 @@
+"""Evaluation of the classifier approach: the head's argmax on the dev split, and the majority-class
+baseline it must beat.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from loraflow.config import EvalSettings
+from loraflow.tasks.classifier.prepare import LABEL_ID, TEXT, TEXT_PAIR, read_label_map
+from loraflow.tasks.classifier.scoring import classifier_tokenizer, load_classifier, predict_logits, tokenize
+from loraflow.tasks.ingest import read_split
+from loraflow.tasks.metrics import save_evaluation, softmax
+from loraflow.tasks.store import (
+    CONTENT_CACHE,
+    Ref,
+    digest_of,
+    is_complete,
+    work_dir,
+)
+
+
+def _dev_rows(encoded: Ref) -> pd.DataFrame:
+    return read_split(encoded, "dev").drop(columns=[TEXT, TEXT_PAIR, LABEL_ID], errors="ignore")
+
+
+@task(name="evaluate", cache_policy=CONTENT_CACHE)
+def evaluate_classifier(
+    model: Ref,
+    encoded: Ref,
+    settings: EvalSettings,
+    max_length: int,
+    dtype: str,
+    store: str,
+    kind: str = "finetuned",
+) -> Ref:
+    """Classify the dev split with `model`; write predictions.parquet and metrics.json."""
+    key = digest_of("evaluate-cls", model.digest, encoded.digest, settings, max_length, dtype, kind)
+    folder = work_dir(store, "evaluate", key)
+    if is_complete(folder):
+        return Ref(path=str(folder), digest=key)
+    labels = read_label_map(encoded)["labels"]
+    dev = read_split(encoded, "dev")
+    tokenizer = classifier_tokenizer(model.path)
+    network = load_classifier(model.path, labels, tokenizer, dtype)
+    started = time.perf_counter()
+    logits = predict_logits(network, tokenizer, dev, max_length, settings.batch_size)
+    seconds = time.perf_counter() - started
+    truncated = tokenize(tokenizer, dev, max_length)[1]
+    save_evaluation(
+        folder,
+        _dev_rows(encoded),
+        labels,
+        softmax(logits),
+        kind,
+        seconds,
+        {"truncated_rows": truncated},
+    )
+    return Ref(path=str(folder), digest=key)
+
+
+@task(name="majority-baseline", cache_policy=CONTENT_CACHE)
+def majority_baseline(encoded: Ref, store: str) -> Ref:
+    """The baseline a classifier must beat: always the most frequent train label (its train share as
+    probabilities)."""
+    key = digest_of("majority", encoded.digest)
+    folder = work_dir(store, "evaluate", key)
+    if is_complete(folder):
+        return Ref(path=str(folder), digest=key)
+    labels = read_label_map(encoded)["labels"]
+    counts = np.bincount(read_split(encoded, "train")[LABEL_ID], minlength=len(labels))
+    dev = _dev_rows(encoded)
+    probabilities = np.tile(counts / counts.sum(), (len(dev), 1))
+    save_evaluation(folder, dev, labels, probabilities, "majority", 0.0)
+    return Ref(path=str(folder), digest=key)

@@ -1,0 +1,160 @@
+"""LoRA training of the generative approach: TRL's SFTTrainer on prompt/completion chat messages.
+
+Reads top to bottom: data → tokenizer → model → LoRA config → trainer → train → save. The loss is on the
+answer tokens only (prompt-completion data), batches are padded dynamically, and checkpoints go to a
+folder named by the inputs' digest, so a retried task or a re-run flow resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from datasets import Dataset
+from prefect import task
+from pydantic import Field
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from loraflow.config import LoraSettings, TrainSettings
+from loraflow.errors import ConfigError
+from loraflow.tasks.generative.prepare import COMPLETION, PROMPT, read_prompts
+from loraflow.tasks.generative.scoring import encode_choices
+from loraflow.tasks.launch import TrainJob, train_once
+from loraflow.tasks.lora import (
+    build_lora_config,
+    save_trained,
+    tracking_setup,
+    train_resuming,
+    trainer_arguments,
+    training_callbacks,
+    work_settings,
+)
+from loraflow.tasks.models import load_causal_lm, load_tokenizer, peft_quietly, uses_bf16
+from loraflow.tasks.store import (
+    CONTENT_CACHE,
+    Ref,
+    digest_of,
+    retry_unless_user_error,
+    work_dir,
+)
+
+
+def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> SFTConfig:
+    """SFTConfig from the train settings: answer-only loss on prompt/completion rows."""
+    return SFTConfig(
+        **trainer_arguments(train, output_dir, bf16), max_length=train.max_length, completion_only_loss=True
+    )
+
+
+def fit_prompts(tokenizer: Any, frame: pd.DataFrame, max_length: int) -> tuple[pd.DataFrame, int]:
+    """Rows whose prompt + answer exceed max_length tokens get the end of their last user message cut (marked
+    with "…") until they fit, so the trainer never cuts the answer. Returns (rows, how many were cut)."""
+    prompts, cut = [], 0
+    for messages, completion in zip(frame[PROMPT], frame[COMPLETION], strict=True):
+        fitted = _fit_prompt(tokenizer, [dict(m) for m in messages], completion[0]["content"], max_length)
+        prompts.append(fitted or [dict(m) for m in messages])
+        cut += fitted is not None
+    return frame.assign(**{PROMPT: prompts}), cut
+
+
+def _fit_prompt(
+    tokenizer: Any, messages: list[dict[str, str]], answer: str, max_length: int
+) -> list[dict[str, str]] | None:
+    """The messages with the end of the last user message cut so that prompt + answer fit, or None if they
+    already do."""
+
+    def length(n: int | None) -> int:
+        return len(encode_choices(tokenizer, shortened(n), [answer])[0][0])
+
+    def shortened(n: int | None) -> list[dict[str, str]]:
+        if n is None:
+            return messages
+        return [*messages[:user], {**messages[user], "content": text[:n] + "…"}, *messages[user + 1 :]]
+
+    if length(None) <= max_length:
+        return None
+    user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    text = messages[user]["content"]
+    if length(0) > max_length:
+        raise ConfigError(
+            f"train.max_length is {max_length} tokens but the prompt's fixed text and the answer alone take "
+            f"{length(0)}: raise train.max_length or shorten prompt.system"
+        )
+    low, high = 0, len(text)  # the longest opening of the text that fits: shortened(low) always does
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if length(middle) <= max_length else (low, middle - 1)
+    return shortened(low)
+
+
+def fit_adapter(
+    dataset: Dataset, model_path: str, lora: LoraSettings, train: TrainSettings, dtype: str, checkpoints: Path
+) -> tuple[SFTTrainer, int]:
+    """Train LoRA on prompt/completion rows; resume from the last checkpoint in `checkpoints` if any.
+
+    Returns the trainer (its model is the PEFT model) and the step it resumed from (0 for a fresh start).
+    """
+    tracking_setup(train)
+    tokenizer = load_tokenizer(model_path)
+    set_seed(train.seed)  # LoRA's initial weights come from the global RNG
+    network = load_causal_lm(model_path, dtype)
+    with peft_quietly():
+        trainer = SFTTrainer(
+            model=network,
+            args=build_training_args(train, checkpoints, bf16=uses_bf16(dtype)),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=build_lora_config(lora),
+            callbacks=training_callbacks(),
+        )
+    return trainer, train_resuming(trainer, checkpoints)
+
+
+class GenerativeTrainJob(TrainJob):
+    """A generative training run: the base model, the formatted prompts and the settings."""
+
+    prompts: Ref = Field(description="The format-prompts folder (train/dev prompt and completion messages).")
+
+
+def train_generative_adapter(job: GenerativeTrainJob) -> None:
+    """Train LoRA on the formatted train split into `job.folder` (one process; one of several under DDP)."""
+    checkpoints = job.folder.with_name(f"{job.folder.name}.checkpoints")
+    frame, truncated = fit_prompts(
+        load_tokenizer(job.model.path), read_prompts(job.prompts, "train"), job.train.max_length
+    )
+    dataset = Dataset.from_pandas(frame[[PROMPT, COMPLETION]], preserve_index=False)
+    started = time.perf_counter()
+    trainer, resumed_from = fit_adapter(dataset, job.model.path, job.lora, job.train, job.dtype, checkpoints)
+    seconds = time.perf_counter() - started
+    if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
+        save_trained(job.folder, trainer, seconds, resumed_from, truncated, checkpoints)
+
+
+@task(
+    name="train-adapter",
+    cache_policy=CONTENT_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+)
+def train_adapter(
+    prompts: Ref,
+    model: Ref,
+    lora: LoraSettings,
+    train: TrainSettings,
+    dtype: str,
+    store: str,
+    processes: int = 1,
+) -> Ref:
+    """Train a LoRA adapter on the formatted train split; resume from the last checkpoint if one exists.
+
+    With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
+    """
+    key = digest_of("train", prompts.digest, model.digest, lora, work_settings(train), dtype, processes)
+    folder = work_dir(store, "train", key)
+    job = GenerativeTrainJob(folder=folder, prompts=prompts, model=model, lora=lora, train=train, dtype=dtype)
+    train_once(f"{__name__}:train_generative_adapter", job, processes)  # launch finds it by this path
+    return Ref(path=str(folder), digest=key)

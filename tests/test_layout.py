@@ -1,0 +1,112 @@
+"""The code's layout: no import circle among loraflow's modules, shared tasks import no approach, and only
+the dispatch module (tasks/approaches.py) and the two training flows branch on the approach's name."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = {"loraflow": REPO / "loraflow", "loraflow.flows": REPO / "flows", "loraflow.tasks": REPO / "tasks"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join([package, *parts]).removesuffix(".__init__")
+            found[name] = path
+    return found
+
+
+def _module_level_imports(path: Path, known: set[str]) -> set[str]:
+    """loraflow modules imported at the top of `path` (not inside functions: those run on demand)."""
+    imported = set()
+    for node in ast.parse(path.read_text()).body:
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        imported |= {n for n in names if n in known}
+    return imported
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for child in sorted(graph[node]):
+            if state.get(child) == 1:
+                return stack[stack.index(child) :] + [child]
+            if child not in state and (found := visit(child)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_module_imports_another_in_a_circle() -> None:
+    modules = _modules()
+    graph = {name: _module_level_imports(path, set(modules)) - {name} for name, path in modules.items()}
+    assert len(graph) > 30 and _cycle(graph) is None, f"import circle: {' -> '.join(_cycle(graph) or [])}"
+    # the check finds a circle when there is one
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_shared_tasks_import_no_approach() -> None:
+    modules = _modules()
+    approaches = {
+        n for n in modules if n.startswith(("loraflow.tasks.generative", "loraflow.tasks.classifier"))
+    }
+    shared = {
+        n: p
+        for n, p in modules.items()
+        if n.startswith("loraflow.tasks.") and n not in approaches and n != "loraflow.tasks.approaches"
+    }
+    for name, path in shared.items():
+        assert not (_module_level_imports(path, set(modules)) & approaches), name
+        assert "tasks.generative" not in path.read_text() and "tasks.classifier" not in path.read_text(), name
+    for name in approaches:  # an approach does not import the other one
+        other = "classifier" if ".generative" in name else "generative"
+        assert f"tasks.{other}" not in modules[name].read_text(), name
+
+
+def test_only_the_dispatch_module_and_the_two_flows_branch_on_the_approach() -> None:
+    allowed = {
+        REPO / "tasks" / "approaches.py",
+        REPO / "flows" / "generative.py",
+        REPO / "flows" / "classifier.py",
+    }
+    # the config schema's own validation of which sections an approach needs
+    pending = {REPO / "loraflow" / "config.py"}
+    branching = re.compile(r"approach\W*\s*[!=]=\s*[\"']|[\"']\s*[!=]=\s*[\w.]*approach\b")
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in _modules().values()
+        if path not in allowed | pending and branching.search(path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_the_data_only_flows_do_not_import_torch() -> None:
+    """validate-data runs on a CPU pool without the GPU stack: importing it must not load torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, loraflow.flows.validate, loraflow.cli; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
