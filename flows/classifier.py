@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from loraflow.config import LoraflowConfig
+from loraflow.config import ClassifierConfig
 from loraflow.flows.fit import fit_anywhere
 from loraflow.tasks.classifier.prepare import map_labels
 from loraflow.tasks.contracts import check_contract
@@ -19,7 +19,7 @@ from loraflow.tasks.report import write_run_folder
 
 
 @flow(name="train-classifier")
-def train_classifier(config: LoraflowConfig) -> str:
+def train_classifier(config: ClassifierConfig) -> str:
     """Ingest → contract → label map → [model → LoRA + head → merge → evaluate vs majority] → run folder.
 
     The bracketed steps run here or on the GPU pool (config `compute.gpu_deployment`; flows/fit.py).

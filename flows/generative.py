@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from loraflow.config import LoraflowConfig
+from loraflow.config import GenerativeConfig
 from loraflow.flows.fit import fit_anywhere
 from loraflow.tasks.contracts import check_contract
 from loraflow.tasks.generative.prepare import format_prompts
@@ -19,7 +19,7 @@ from loraflow.tasks.report import write_run_folder
 
 
 @flow(name="train-generative")
-def train_generative(config: LoraflowConfig) -> str:
+def train_generative(config: GenerativeConfig) -> str:
     """Ingest → contract → prompts → [model → LoRA → merge → evaluate vs zero-shot] → run folder.
 
     The bracketed steps run here or on the GPU pool (config `compute.gpu_deployment`; flows/fit.py).

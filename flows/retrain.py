@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 from pydantic import ValidationError
 
-from loraflow.config import LoraflowConfig, absolute_paths
+from loraflow.config import LoraflowConfig, absolute_paths, validate_config
 from loraflow.flows import training_flow
 from loraflow.tasks.approaches import approach
 from loraflow.tasks.ingest import ingest_table
@@ -59,7 +59,7 @@ def champion_score(
 def _record_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """on_failure / on_crashed hook: a failed retraining run is recorded in history.jsonl too."""
     try:
-        config = LoraflowConfig.model_validate(flow_run.parameters.get("config"))
+        config = validate_config(flow_run.parameters.get("config"))
     except ValidationError:  # the run never started: Prefect's own message names the bad parameter
         return
     config = absolute_paths(config, Path.cwd())  # as the flow's settle-paths step does

@@ -11,10 +11,20 @@ import difflib
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from loraflow.errors import ConfigError
 
@@ -236,7 +246,23 @@ class EvalSettings(_Settings):
     """How the dev split is scored."""
 
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass when scoring labels.")
-    baseline: bool = Field(True, description="Also score the base model zero-shot with the same prompt.")
+    baseline: bool = Field(True, description="Also score the approach's baseline on the same dev split.")
+
+
+class GenerativeEvalSettings(EvalSettings):
+    """How the dev split is scored (generative approach: label scoring)."""
+
+    baseline: bool = Field(
+        True, description="Also score the base model zero-shot with the same prompt (one more dev pass)."
+    )
+
+
+class ClassifierEvalSettings(EvalSettings):
+    """How the dev split is scored (classifier approach: the head's argmax)."""
+
+    baseline: bool = Field(
+        True, description="Also score the majority class (the most frequent train label; costs nothing)."
+    )
 
 
 class ContractSettings(_Settings):
@@ -291,20 +317,15 @@ class ComputeSettings(_Settings):
         return value
 
 
-class LoraflowConfig(_Settings):
-    """One classification task: data, prompt, model, LoRA, training, evaluation and where runs go."""
+class TaskConfig(_Settings):
+    """What every classification task has, whichever the approach: data, model, LoRA, training, the data
+    contract, where it runs and where runs go. A config is a GenerativeConfig or a ClassifierConfig."""
 
     name: str = Field(description="Task name; runs go to <output_dir>/<name>/<UTC timestamp>/.")
-    approach: Literal["generative", "classifier"] = Field(
-        "generative", description="generative = the LM answers the label; classifier = a new head."
-    )
     data: DataSettings
-    prompt: PromptSettings | None = Field(None, description="Required for the generative approach.")
-    classifier: ClassifierSettings = ClassifierSettings()
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
-    eval: EvalSettings = EvalSettings()
     contract: ContractSettings = ContractSettings()
     compute: ComputeSettings = ComputeSettings()
     hub: HubSettings = HubSettings()
@@ -321,24 +342,8 @@ class LoraflowConfig(_Settings):
             raise ValueError("use letters, digits, '.', '_' or '-' (it names a folder)")
         return name
 
-    @model_validator(mode="after")
-    def _inputs_match_columns(self) -> LoraflowConfig:
-        if self.approach == "generative":
-            if self.prompt is None:
-                raise ValueError("the generative approach needs a `prompt` section with a `template`")
-            where, template = "prompt.template", self.prompt.template
-        else:
-            if self.prompt is not None:
-                raise ValueError(
-                    "`prompt` is used by the generative approach only; remove it, or join the classifier's "
-                    "input columns with classifier.template"
-                )
-            if self.classifier.template is None and not self.data.text_columns:
-                raise ValueError(
-                    "the classifier approach needs data.text_columns (one column, or two for a sentence "
-                    "pair) or a classifier.template such as '{title}\\n\\n{body}'"
-                )
-            where, template = "classifier.template", self.classifier.template or ""
+    def _check_template(self, where: str, template: str) -> None:
+        """The template's placeholders must be among data.text_columns (when given), or be the inputs."""
         fields = template_fields(template)
         if self.data.text_columns:
             unknown = [f for f in fields if f not in self.data.text_columns]
@@ -351,16 +356,112 @@ class LoraflowConfig(_Settings):
                 )
         elif not fields:
             raise ValueError(f"{where} has no {{column}} placeholder and data.text_columns is empty")
-        return self
 
-    @property
-    def input_columns(self) -> list[str]:
+    def _columns(self, template: str | None) -> list[str]:
         """The text columns the task reads: explicit, or the template's placeholders (sorted, so that
         reordering the template does not change what ingest reads)."""
         if self.data.text_columns:
             return list(self.data.text_columns)
-        template = self.prompt.template if self.prompt else self.classifier.template
         return sorted(template_fields(template)) if template else []
+
+
+def _forbid_section(raw: Any, section: str, message: str) -> Any:
+    if isinstance(raw, dict) and raw.get(section) is not None:
+        raise ValueError(message)
+    return raw
+
+
+class GenerativeConfig(TaskConfig):
+    """A task for the generative approach: the model's own LM head learns to answer each row's label."""
+
+    approach: Literal["generative"] = Field(
+        "generative", description="generative = the LM answers the label; classifier = a new head."
+    )
+    prompt: PromptSettings = Field(description="The system message and the user template with {column}s.")
+    eval: GenerativeEvalSettings = GenerativeEvalSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_not_classifier(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("prompt") is None:
+            raise ValueError("the generative approach needs a `prompt` section with a `template`")
+        return _forbid_section(
+            raw,
+            "classifier",
+            "`classifier` settings are used by the classifier approach only; remove them, or set "
+            "approach: classifier",
+        )
+
+    @model_validator(mode="after")
+    def _inputs_match_columns(self) -> GenerativeConfig:
+        self._check_template("prompt.template", self.prompt.template)
+        return self
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The text columns the task reads (data.text_columns, or the template's placeholders)."""
+        return self._columns(self.prompt.template)
+
+
+class ClassifierConfig(TaskConfig):
+    """A task for the classifier approach: a new classification head on a label map from the data."""
+
+    approach: Literal["classifier"] = Field(
+        description="generative = the LM answers the label; classifier = a new head."
+    )
+    classifier: ClassifierSettings = ClassifierSettings()
+    eval: ClassifierEvalSettings = ClassifierEvalSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_prompt(cls, raw: Any) -> Any:
+        return _forbid_section(
+            raw,
+            "prompt",
+            "`prompt` is used by the generative approach only; remove it, or join the classifier's input "
+            "columns with classifier.template",
+        )
+
+    @model_validator(mode="after")
+    def _inputs_match_columns(self) -> ClassifierConfig:
+        if self.classifier.template is None and not self.data.text_columns:
+            raise ValueError(
+                "the classifier approach needs data.text_columns (one column, or two for a sentence "
+                "pair) or a classifier.template such as '{title}\\n\\n{body}'"
+            )
+        self._check_template("classifier.template", self.classifier.template or "")
+        return self
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The text columns the task reads (data.text_columns, or the join template's placeholders)."""
+        return self._columns(self.classifier.template)
+
+
+CONFIGS: dict[str, type[TaskConfig]] = {"generative": GenerativeConfig, "classifier": ClassifierConfig}
+
+
+def _approach_of(value: Any) -> str:
+    """The discriminator: a config's `approach` (generative when the YAML does not say)."""
+    approach = value.get("approach", "generative") if isinstance(value, dict) else value.approach
+    return approach if approach in CONFIGS else "unknown"
+
+
+# The flows' parameter type: one of the two, chosen by `approach`.
+LoraflowConfig = Annotated[
+    Annotated[GenerativeConfig, Tag("generative")] | Annotated[ClassifierConfig, Tag("classifier")],
+    Discriminator(
+        _approach_of,
+        custom_error_type="approach",
+        custom_error_message="approach must be generative or classifier",
+    ),
+]
+_CONFIG = TypeAdapter(LoraflowConfig)
+
+
+def validate_config(raw: Any) -> GenerativeConfig | ClassifierConfig:
+    """A config of either approach from a mapping (YAML, a deployment's parameters) or a config object."""
+    return _CONFIG.validate_python(raw)
 
 
 # Names users bring from Hugging Face TrainingArguments, peft and the seed notebooks.
@@ -391,8 +492,7 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _model_fields_at(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = LoraflowConfig
+def _model_fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None:
@@ -410,9 +510,12 @@ def _format_errors(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
         loc = tuple(item["loc"])
+        model: type[BaseModel] = GenerativeConfig
+        if loc and loc[0] in CONFIGS:  # the union's tag: which approach's config reported it
+            model, loc = CONFIGS[loc[0]], loc[1:]
         path = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            hint = did_you_mean(str(loc[-1]), _model_fields_at(loc[:-1]))
+            hint = did_you_mean(str(loc[-1]), _model_fields_at(model, loc[:-1]))
             problems.append(f"{path}: unknown key{hint}")
         elif item["type"] == "missing":
             problems.append(f"{path}: required field missing")
@@ -477,15 +580,15 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             )
 
 
-def absolute_paths(config: LoraflowConfig, base: Path) -> LoraflowConfig:
+def absolute_paths(config: TaskConfig, base: Path) -> GenerativeConfig | ClassifierConfig:
     """The config with every relative path in it (data files, extra suite, output_dir, registry, a local
     exchange storage folder, a local model folder) resolved against `base`; absolute ones unchanged."""
     raw = config.model_dump(mode="json")
     _resolve_paths(raw, base)
-    return LoraflowConfig.model_validate(raw)
+    return validate_config(raw)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> LoraflowConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None) -> GenerativeConfig | ClassifierConfig:
     """Read, override and validate a YAML config; every problem is reported in one ConfigError."""
     path = Path(path)
     if not path.is_file():
@@ -509,7 +612,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Loraflo
         _set_dotted(raw, key, value)
     _resolve_paths(raw, path.parent.resolve())
     try:
-        return LoraflowConfig.model_validate(raw)
+        return validate_config(raw)
     except ValidationError as e:
         problems = _format_errors(e)
         raise ConfigError(
@@ -517,6 +620,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Loraflo
         ) from e
 
 
-def dump_config(config: LoraflowConfig) -> str:
+def dump_config(config: TaskConfig) -> str:
     """The resolved config as YAML (what a run folder's config.yaml holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

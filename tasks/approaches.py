@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from prefect import task
 
-from loraflow.config import LoraflowConfig
+from loraflow.config import ClassifierConfig, GenerativeConfig
 from loraflow.tasks.classifier import predict as classifier_predict
 from loraflow.tasks.classifier.evaluate import evaluate_classifier, majority_baseline
 from loraflow.tasks.classifier.merge import merge_classifier
@@ -35,7 +36,7 @@ from loraflow.tasks.store import Ref
 Outputs = dict[str, Ref | None]  # adapter, merged, baseline, finetuned
 
 
-def _fit_generative(config: LoraflowConfig, prompts: Ref, store: str) -> Outputs:
+def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outputs:
     dtype = config.model.dtype
     model = resolve_model(config.model, default_cache_dir())
     adapter = train_adapter(prompts, model, config.lora, config.train, dtype, store, config.compute.processes)
@@ -49,7 +50,7 @@ def _fit_generative(config: LoraflowConfig, prompts: Ref, store: str) -> Outputs
     return {"adapter": adapter, "merged": merged, "baseline": baseline, "finetuned": finetuned}
 
 
-def _fit_classifier(config: LoraflowConfig, encoded: Ref, store: str) -> Outputs:
+def _fit_classifier(config: ClassifierConfig, encoded: Ref, store: str) -> Outputs:
     dtype, max_length = config.model.dtype, config.train.max_length
     model = resolve_model(config.model, default_cache_dir())
     adapter = train_classifier_head(
@@ -61,12 +62,12 @@ def _fit_classifier(config: LoraflowConfig, encoded: Ref, store: str) -> Outputs
     return {"adapter": adapter, "merged": merged, "baseline": baseline, "finetuned": finetuned}
 
 
-def _score_generative(config: LoraflowConfig, splits: Ref, model: Ref, store: str) -> Ref:
+def _score_generative(config: GenerativeConfig, splits: Ref, model: Ref, store: str) -> Ref:
     prompts = format_prompts(splits, config.prompt, config.data.answers, store)
     return evaluate_model(model, prompts, "champion", config.eval, config.model.dtype, store)
 
 
-def _score_classifier(config: LoraflowConfig, splits: Ref, model: Ref, store: str) -> Ref:
+def _score_classifier(config: ClassifierConfig, splits: Ref, model: Ref, store: str) -> Ref:
     encoded = map_labels(splits, config.input_columns, config.classifier, store)
     max_length, dtype = config.train.max_length, config.model.dtype
     return evaluate_classifier(model, encoded, config.eval, max_length, dtype, store, kind="champion")
@@ -76,8 +77,8 @@ def _score_classifier(config: LoraflowConfig, splits: Ref, model: Ref, store: st
 class Approach:
     """What the run-time steps need of one approach."""
 
-    fit: Callable[[LoraflowConfig, Ref, str], Outputs]  # prepared data → model, adapter, merged, evaluations
-    score: Callable[[LoraflowConfig, Ref, Ref, str], Ref]  # (splits, a merged model) → its dev evaluation
+    fit: Callable[[Any, Ref, str], Outputs]  # prepared data → model, adapter, merged, evaluations
+    score: Callable[[Any, Ref, Ref, str], Ref]  # (splits, a merged model) → its dev evaluation
     probabilities: Callable[[Path, ModelManifest, pd.DataFrame, int], np.ndarray]  # a model folder's
 
 

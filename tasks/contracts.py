@@ -21,7 +21,16 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from loraflow.config import ContractSettings
 from loraflow.errors import DataError
 from loraflow.tasks.ingest import LABEL, ROW, read_meta, read_split
-from loraflow.tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, sha256_file, work_dir
+from loraflow.tasks.store import (
+    CONTENT_CACHE,
+    Ref,
+    building,
+    digest_of,
+    is_complete,
+    sha256_file,
+    step_output,
+    work_dir,
+)
 
 SAMPLES = 5  # offending rows shown per violation
 
@@ -229,9 +238,9 @@ def describe_violation(check: dict[str, Any]) -> str:
 def check_contract(splits: Ref, columns: list[str], contract: ContractSettings, store: str) -> Ref:
     """Validate train and dev; save contract.json; fail with every critical violation listed at once."""
     key = digest_of("contract", splits.digest, columns, contract, _suite_key(None, {"contract": contract}))
-    folder = work_dir(store, "contract", key)
+    folder, result = step_output(store, "contract", key)
     if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
+        return result
     meta = read_meta(splits)
     labels = meta["labels"]
     frames = {"train": read_split(splits, "train"), "dev": read_split(splits, "dev")}
@@ -278,4 +287,4 @@ def check_contract(splits: Ref, columns: list[str], contract: ContractSettings, 
         )
     with building(folder) as tmp:
         (tmp / "contract.json").write_text(text)
-    return Ref(path=str(folder), digest=key)
+    return result

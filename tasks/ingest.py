@@ -30,7 +30,7 @@ from loraflow.tasks.store import (
     retry_unless_user_error,
     run_logger,
     sha256_file,
-    work_dir,
+    step_output,
 )
 
 SUPPORTED = (".xlsx", ".xlsm", ".tsv", ".csv", ".parquet", ".jsonl")
@@ -76,7 +76,9 @@ def _read_excel(path: Path, sheet: str | int, header_row: int) -> pd.DataFrame:
             raise DataError(
                 f"{path}: sheet '{sheet}' not found{did_you_mean(sheet, names)}; sheets are {names}"
             )
-        frame = sheets.parse(sheet, header=header_row - 1, dtype=object)  # cells as written
+        frame = pd.read_excel(
+            sheets, sheet_name=sheet, header=header_row - 1, dtype=object
+        )  # cells as written
         name = names[sheet] if isinstance(sheet, int) else sheet
         if frame.columns.empty:
             raise DataError(
@@ -306,9 +308,9 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
     """Read train (and dev) into `train.parquet` / `dev.parquet` with the normalised label column."""
     sources = source_digests(data)
     key = digest_of("ingest", data, columns, sources)
-    folder = work_dir(store, "ingest", key)
+    folder, result = step_output(store, "ingest", key)
     if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
+        return result
     train = _select(_read_file(data.train, data), data.train, columns, data.label_column)
     if data.dev is not None:
         dev = _select(_read_file(data.dev, data), data.dev, columns, data.label_column)
@@ -336,7 +338,7 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
             "label_spellings": spellings,
         }
         (tmp / "ingest.json").write_text(json.dumps(meta, indent=1))
-    return Ref(path=str(folder), digest=key)
+    return result
 
 
 def read_split(ref: Ref, split: str) -> pd.DataFrame:

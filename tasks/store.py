@@ -106,6 +106,13 @@ def work_dir(store: str | Path, step: str, key: str) -> Path:
     return Path(store) / f"{step}-{key}"
 
 
+def step_output(store: str | Path, step: str, key: str, inner: str = "") -> tuple[Path, Ref]:
+    """The folder a step writes (`<store>/<step>-<key>`) and the ref it returns: to the folder, or to
+    `inner` inside it. A task returns the ref at once when `is_complete(folder)` (a finished earlier run)."""
+    folder = work_dir(store, step, key)
+    return folder, Ref(path=str(folder / inner if inner else folder), digest=key)
+
+
 def is_complete(folder: str | Path) -> bool:
     """True when `folder` was finished by `finish_folder` (it holds a manifest)."""
     return (Path(folder) / MANIFEST).is_file()

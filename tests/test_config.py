@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import LoraflowConfig, load_config, normalize_label, template_fields
+from loraflow.config import GenerativeConfig, load_config, normalize_label, template_fields, validate_config
 from loraflow.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -108,7 +108,7 @@ def test_generative_config_needs_a_prompt(tmp_path: Path) -> None:
 
 
 def test_config_is_frozen_and_its_json_schema_renders_a_form() -> None:
-    schema = LoraflowConfig.model_json_schema()
+    schema = GenerativeConfig.model_json_schema()
     assert {"data", "prompt", "model", "lora", "train", "eval", "output_dir"} <= set(schema["properties"])
     assert schema["$defs"]["LoraSettings"]["properties"]["r"]["description"].startswith("LoRA rank")
 
@@ -149,7 +149,7 @@ def test_the_readme_configs_are_complete_and_valid(heading: str, sections: tuple
     text = (REPO / "README.md").read_text()
     block = text.split(heading, 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     raw = __import__("yaml").safe_load(block)
-    config = LoraflowConfig.model_validate(raw)
+    config = validate_config(raw)
     documented = {
         (section, key) for section, values in raw.items() if isinstance(values, dict) for key in values
     }
@@ -175,7 +175,7 @@ def _deployments_with_config() -> list[dict]:
 def test_prefect_yaml_deployment_parameters_are_valid_configs() -> None:
     deployments = _deployments_with_config()
     for deployment in deployments:
-        config = LoraflowConfig.model_validate(deployment["parameters"]["config"])
+        config = validate_config(deployment["parameters"]["config"])
         if deployment["entrypoint"] == "flows/retrain.py:retrain":
             assert deployment["schedules"] and deployment["triggers"][0]["match"] == {
                 "prefect.resource.id": f"loraflow.dataset.{config.name}"
@@ -199,7 +199,7 @@ def test_prefect_yaml_deployments_train_the_examples_as_configured() -> None:
     from loraflow.config import absolute_paths
 
     for deployment in _deployments_with_config():
-        config = LoraflowConfig.model_validate(deployment["parameters"]["config"])
+        config = validate_config(deployment["parameters"]["config"])
         settled = absolute_paths(config, REPO)  # deployments run from the repository root
         example = REPO / "examples" / config.name / "config.yaml"
         assert settled == load_config(example), deployment["name"]

@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from loraflow.cli import main
-from loraflow.config import LoraflowConfig, absolute_paths
+from loraflow.config import absolute_paths, validate_config
 from loraflow.errors import ConfigError
 from loraflow.flows.generative import train_generative
 from loraflow.flows.predict import predict
@@ -44,7 +44,7 @@ def test_relative_paths_resolve_against_the_base_and_absolute_ones_and_urls_stay
         "output_dir": "runs",
         "registry": "../models",
     }
-    config = absolute_paths(LoraflowConfig.model_validate(raw), Path("/srv/project"))
+    config = absolute_paths(validate_config(raw), Path("/srv/project"))
     assert config.data.train == Path("/srv/project/data/train.xlsx")
     assert config.data.dev == Path("/abs/dev.xlsx")
     assert config.contract.extra_suite == Path("/srv/project/suites/x.json")
@@ -63,19 +63,19 @@ def test_settle_paths_names_the_setting_that_cannot_be_written(
 ) -> None:
     raw = _deployment_parameters(write_config(tmp_path / "task", tiny_model))
     monkeypatch.chdir(tmp_path / "task")
-    settled = settle_paths.fn(LoraflowConfig.model_validate(raw), registry=True)
+    settled = settle_paths.fn(validate_config(raw), registry=True)
     assert settled.output_dir == tmp_path / "task" / "runs" and settled.output_dir.is_dir()
     assert settled.data.train == tmp_path / "task" / "train.xlsx"
     assert not any(p.name.startswith(".loraflow-write-check") for p in settled.output_dir.iterdir())
 
     (tmp_path / "task" / "notes.txt").write_text("a file, not a folder")
     for setting in ("output_dir", "registry"):
-        bad = LoraflowConfig.model_validate(raw | {setting: "notes.txt/runs"})
+        bad = validate_config(raw | {setting: "notes.txt/runs"})
         with pytest.raises(ConfigError, match=rf"^{setting}: cannot write to .*notes.txt/runs"):
             settle_paths.fn(bad, registry=True)
     remote = raw | {"compute": {"gpu_deployment": "fit/gpu", "storage": "nosuchprotocol://bucket/x"}}
     with pytest.raises(ConfigError, match=r"^compute.storage: cannot write to nosuchprotocol://bucket/x"):
-        settle_paths.fn(LoraflowConfig.model_validate(remote))
+        settle_paths.fn(validate_config(remote))
 
 
 @pytest.mark.flow
@@ -86,7 +86,7 @@ def test_a_deployment_config_with_relative_paths_writes_under_the_working_direct
     raw = _deployment_parameters(write_config(tmp_path / "task", tiny_model, name="relative-geo"))
     assert raw["output_dir"] == "runs" and raw["data"]["train"] == "train.xlsx"
     monkeypatch.chdir(tmp_path / "task")
-    state = train_generative(LoraflowConfig.model_validate(raw), return_state=True)
+    state = train_generative(validate_config(raw), return_state=True)
     assert state.is_completed(), state.message
     run_dir = Path(state.result())
     assert run_dir.is_absolute() and run_dir.parent == tmp_path / "task" / "runs" / "relative-geo"
@@ -116,12 +116,12 @@ def test_a_failed_retrain_with_a_relative_registry_is_recorded_under_the_working
         )
     )
     monkeypatch.chdir(tmp_path / "task")
-    state = retrain(LoraflowConfig.model_validate(raw), return_state=True)
+    state = retrain(validate_config(raw), return_state=True)
     assert state.is_failed()
     history = tmp_path / "task" / "models" / "relative-retrain" / "history.jsonl"
     [record] = [json.loads(line) for line in history.read_text().splitlines()]
     assert record["decision"] == "failed" and "rows_per_class" in record["error"]
-    settled = absolute_paths(LoraflowConfig.model_validate(raw), tmp_path / "task")
+    settled = absolute_paths(validate_config(raw), tmp_path / "task")
     assert read_history(settled) == [record]
 
 

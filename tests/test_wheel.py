@@ -4,6 +4,7 @@ runs `loraflow validate` on its packaged example from another folder, beside a u
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.flow
 REPO = Path(__file__).resolve().parent.parent
+SOURCES = ("pyproject.toml", "README.md", "loraflow", "flows", "tasks", "examples", "data_contracts")
 
 
 def _run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -26,6 +28,12 @@ def _run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> 
 
 
 def test_the_wheel_runs_the_packaged_example_outside_the_checkout(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # built from a copy: setuptools leaves build/ and *.egg-info behind
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
     _run(
         sys.executable,
         "-m",
@@ -36,7 +44,7 @@ def test_the_wheel_runs_the_packaged_example_outside_the_checkout(tmp_path: Path
         "-q",
         "-w",
         tmp_path,
-        REPO,
+        source,
         cwd=tmp_path,
     )
     [wheel] = tmp_path.glob("loraflow-*.whl")

@@ -20,7 +20,7 @@ from loraflow.tasks.store import (
     Ref,
     digest_of,
     is_complete,
-    work_dir,
+    step_output,
 )
 
 
@@ -40,9 +40,9 @@ def evaluate_classifier(
 ) -> Ref:
     """Classify the dev split with `model`; write predictions.parquet and metrics.json."""
     key = digest_of("evaluate-cls", model.digest, encoded.digest, settings, max_length, dtype, kind)
-    folder = work_dir(store, "evaluate", key)
+    folder, result = step_output(store, "evaluate", key)
     if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
+        return result
     labels = read_label_map(encoded)["labels"]
     dev = read_split(encoded, "dev")
     tokenizer = classifier_tokenizer(model.path)
@@ -60,7 +60,7 @@ def evaluate_classifier(
         seconds,
         {"truncated_rows": truncated},
     )
-    return Ref(path=str(folder), digest=key)
+    return result
 
 
 @task(name="majority-baseline", cache_policy=CONTENT_CACHE)
@@ -68,12 +68,12 @@ def majority_baseline(encoded: Ref, store: str) -> Ref:
     """The baseline a classifier must beat: always the most frequent train label (its train share as
     probabilities)."""
     key = digest_of("majority", encoded.digest)
-    folder = work_dir(store, "evaluate", key)
+    folder, result = step_output(store, "evaluate", key)
     if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
+        return result
     labels = read_label_map(encoded)["labels"]
     counts = np.bincount(read_split(encoded, "train")[LABEL_ID], minlength=len(labels))
     dev = _dev_rows(encoded)
     probabilities = np.tile(counts / counts.sum(), (len(dev), 1))
     save_evaluation(folder, dev, labels, probabilities, "majority", 0.0)
-    return Ref(path=str(folder), digest=key)
+    return result

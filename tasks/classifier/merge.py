@@ -19,7 +19,7 @@ from loraflow.tasks.store import (
     Ref,
     digest_of,
     is_complete,
-    work_dir,
+    step_output,
 )
 
 
@@ -42,8 +42,7 @@ def merge_classifier(adapter: Ref, model: Ref, encoded: Ref, max_length: int, dt
     """Write `merged/` (base + LoRA folded in + the trained head, label names in config.json) after
     checking that it gives the adapter model's logits."""
     key = digest_of("merge-cls", adapter.digest, model.digest, encoded.digest, max_length, dtype)
-    folder = work_dir(store, "merge-cls", key)
-    result = Ref(path=str(folder / "merged"), digest=key)
+    folder, result = step_output(store, "merge-cls", key, "merged")
     if is_complete(folder):
         return result
     label_map = read_label_map(encoded)

@@ -19,7 +19,7 @@ from loraflow.tasks.store import (
     building,
     digest_of,
     is_complete,
-    work_dir,
+    step_output,
 )
 
 TEXT, TEXT_PAIR, LABEL_ID = "text", "text_pair", "label_id"
@@ -44,9 +44,9 @@ def join_inputs(frame: pd.DataFrame, columns: list[str], template: str | None) -
 def map_labels(splits: Ref, columns: list[str], classifier: ClassifierSettings, store: str) -> Ref:
     """Write train/dev parquet files with the model inputs (`text`, `text_pair`), `label_id`, labels.json."""
     key = digest_of("labels", splits.digest, columns, classifier.template)
-    folder = work_dir(store, "labels", key)
+    folder, result = step_output(store, "labels", key)
     if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
+        return result
     labels = read_meta(splits)["labels"]
     label2id = {label: i for i, label in enumerate(labels)}
     with building(folder) as tmp:
@@ -63,7 +63,7 @@ def map_labels(splits: Ref, columns: list[str], classifier: ClassifierSettings, 
             "template": classifier.template,
         }
         (tmp / LABEL_MAP).write_text(json.dumps(label_map, indent=1))
-    return Ref(path=str(folder), digest=key)
+    return result
 
 
 def read_label_map(ref: Ref) -> dict[str, Any]:

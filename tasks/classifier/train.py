@@ -40,7 +40,7 @@ from loraflow.tasks.store import (
     Ref,
     digest_of,
     retry_unless_user_error,
-    work_dir,
+    step_output,
 )
 
 
@@ -139,7 +139,7 @@ def train_classifier_head(
         dtype,
         processes,
     )
-    folder = work_dir(store, "train-cls", key)
+    folder, result = step_output(store, "train-cls", key)
     job = ClassifierTrainJob(
         folder=folder,
         encoded=encoded,
@@ -150,7 +150,7 @@ def train_classifier_head(
         dtype=dtype,
     )
     train_once(f"{__name__}:train_classifier_into", job, processes)  # launch finds it by this path
-    return Ref(path=str(folder), digest=key)
+    return result
 
 
 class ClassifierTrainJob(TrainJob):

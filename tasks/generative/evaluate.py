@@ -15,7 +15,7 @@ from loraflow.tasks.generative.scoring import score_labels
 from loraflow.tasks.ingest import LABEL
 from loraflow.tasks.metrics import save_evaluation, softmax
 from loraflow.tasks.models import load_causal_lm, load_tokenizer
-from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, work_dir
+from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, step_output
 
 
 @task(name="evaluate", cache_policy=CONTENT_CACHE)
@@ -24,9 +24,9 @@ def evaluate_model(
 ) -> Ref:
     """Score the dev split with `model`; write predictions.parquet and metrics.json."""
     key = digest_of("evaluate", model.digest, prompts.digest, kind, settings, dtype)
-    folder = work_dir(store, "evaluate", key)
+    folder, result = step_output(store, "evaluate", key)
     if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
+        return result
     labels, answers = read_answers(prompts)
     dev = read_prompts(prompts, "dev")
     tokenizer = load_tokenizer(model.path)
@@ -38,4 +38,4 @@ def evaluate_model(
     loss = float(-scores[np.arange(len(gold)), gold].mean())  # the dev loss: -log p(gold answer), per row
     rows = dev.drop(columns=[PROMPT, COMPLETION])
     save_evaluation(folder, rows, labels, softmax(scores), kind, seconds, extra={"answer_loss": loss})
-    return Ref(path=str(folder), digest=key)
+    return result

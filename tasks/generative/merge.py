@@ -12,7 +12,7 @@ from loraflow.tasks.generative.scoring import score_labels
 from loraflow.tasks.manifest import CardUsage, ModelManifest
 from loraflow.tasks.merging import CHECK_ROWS, load_adapter, merge_checked, save_merged
 from loraflow.tasks.models import load_causal_lm, load_tokenizer, trusts_code
-from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, work_dir
+from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, step_output
 
 CARD = CardUsage(
     pipeline_tag="text-generation",
@@ -31,8 +31,7 @@ def merge_adapter(
 ) -> Ref:
     """Write `merged/` (safetensors + tokenizer + loraflow.json) after checking it scores like the adapter."""
     key = digest_of("merge", adapter.digest, model.digest, prompts.digest, prompt, dtype)
-    folder = work_dir(store, "merge", key)
-    result = Ref(path=str(folder / "merged"), digest=key)
+    folder, result = step_output(store, "merge", key, "merged")
     if is_complete(folder):
         return result
     labels, answers = read_answers(prompts)

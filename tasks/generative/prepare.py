@@ -16,7 +16,7 @@ from prefect import task
 
 from loraflow.config import LabelKey, PromptSettings, normalize_label, render
 from loraflow.tasks.ingest import LABEL, read_meta, read_split
-from loraflow.tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, work_dir
+from loraflow.tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, step_output
 
 PROMPT = "prompt"  # list of {"role", "content"} messages: system (optional) + user
 COMPLETION = "completion"  # one assistant message holding the label's answer
@@ -39,9 +39,9 @@ def answer_map(labels: list[str], answers: dict[LabelKey, str]) -> dict[str, str
 def format_prompts(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, str], store: str) -> Ref:
     """Write train/dev parquet files with `prompt` and `completion` messages, plus answers.json."""
     key = digest_of("prompts", splits.digest, prompt, {str(k): v for k, v in answers.items()})
-    folder = work_dir(store, "prompts", key)
+    folder, result = step_output(store, "prompts", key)
     if is_complete(folder):
-        return Ref(path=str(folder), digest=key)
+        return result
     labels = read_meta(splits)["labels"]
     verbal = answer_map(labels, answers)
     with building(folder) as tmp:
@@ -52,7 +52,7 @@ def format_prompts(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, 
             frame[COMPLETION] = [[{"role": "assistant", "content": verbal[row[LABEL]]}] for row in rows]
             frame.to_parquet(tmp / f"{split}.parquet", index=False)
         (tmp / "answers.json").write_text(json.dumps({"labels": labels, "answers": verbal}, indent=1))
-    return Ref(path=str(folder), digest=key)
+    return result
 
 
 def read_prompts(ref: Ref, split: str) -> pd.DataFrame:

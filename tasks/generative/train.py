@@ -38,7 +38,7 @@ from loraflow.tasks.store import (
     Ref,
     digest_of,
     retry_unless_user_error,
-    work_dir,
+    step_output,
 )
 
 
@@ -154,7 +154,7 @@ def train_adapter(
     With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
     """
     key = digest_of("train", prompts.digest, model.digest, lora, work_settings(train), dtype, processes)
-    folder = work_dir(store, "train", key)
+    folder, result = step_output(store, "train", key)
     job = GenerativeTrainJob(folder=folder, prompts=prompts, model=model, lora=lora, train=train, dtype=dtype)
     train_once(f"{__name__}:train_generative_adapter", job, processes)  # launch finds it by this path
-    return Ref(path=str(folder), digest=key)
+    return result
