@@ -20,7 +20,9 @@ pytestmark = pytest.mark.flow
 
 
 def _append_rows(path: Path, n: int, seed: int) -> None:
-    frame = pd.concat([pd.read_excel(path, sheet_name="data"), geo_rows(n, seed=seed)], ignore_index=True)
+    frame = pd.concat(
+        [pd.read_excel(path, sheet_name="data", engine="openpyxl"), geo_rows(n, seed=seed)], ignore_index=True
+    )
     frame.to_excel(path, index=False, sheet_name="data", engine="openpyxl")
 
 
@@ -58,7 +60,7 @@ def test_retrain_promotes_skips_unchanged_data_and_keeps_a_better_champion(
     assert fourth["decision"] == "kept champion" and production.resolve() == champion_now
 
     # A failed run (here: the new data breaks the contract) is recorded and changes nothing.
-    frame = pd.read_excel(tmp_path / "task" / "train.xlsx", sheet_name="data")
+    frame = pd.read_excel(tmp_path / "task" / "train.xlsx", sheet_name="data", engine="openpyxl")
     frame.loc[0, "requirement"] = "   "
     frame.to_excel(tmp_path / "task" / "train.xlsx", index=False, sheet_name="data", engine="openpyxl")
     assert main(["retrain", str(path)]) == 2

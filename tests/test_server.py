@@ -237,7 +237,10 @@ def test_the_shipped_deployments_run_as_the_readme_says_on_a_real_server_and_wor
         first = _run_deployment(env, "retrain/geo-nightly")
         unchanged = _run_deployment(env, "retrain/geo-nightly")
         train = user / "examples" / "geo" / "train.xlsx"
-        frame = pd.concat([pd.read_excel(train, sheet_name="data"), geo_rows(8, seed=5)], ignore_index=True)
+        frame = pd.concat(
+            [pd.read_excel(train, sheet_name="data", engine="openpyxl"), geo_rows(8, seed=5)],
+            ignore_index=True,
+        )
         frame.to_excel(train, index=False, sheet_name="data", engine="openpyxl")
         changed = _run_deployment(env, "retrain/geo-nightly")
         records = [json.loads(line) for line in history.read_text().splitlines()]

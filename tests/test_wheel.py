@@ -29,6 +29,7 @@ def _run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> 
 
 def test_the_wheel_runs_the_packaged_example_outside_the_checkout(tmp_path: Path) -> None:
     source = tmp_path / "source"  # built from a copy: setuptools leaves build/ and *.egg-info behind
+    source.mkdir()
     for name in SOURCES:
         if (REPO / name).is_dir():
             shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
