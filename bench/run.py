@@ -154,14 +154,14 @@ def bench_ingest(folder: Path) -> dict[str, Any]:
 
 def _geo_dev(store: str) -> tuple[Any, list, list[str], list[str], list[str]]:
     """(model ref, dev prompts, gold labels, labels, answers) of the geo example."""
-    from loraflow.config import load_config
-    from loraflow.tasks.generative.prepare import PROMPT, format_prompts, read_answers, read_prompts
+    from loraflow.loading import load_config
+    from loraflow.tasks.generative.prepare import PROMPT, prepare_inputs, read_answers, read_prompts
     from loraflow.tasks.ingest import LABEL, ingest_table
     from loraflow.tasks.models import default_cache_dir, resolve_model
 
     config = load_config(GEO)
     splits = ingest_table.fn(config.data, config.input_columns, store)
-    prompts = format_prompts.fn(splits, config.prompt, config.data.answers, store)
+    prompts = prepare_inputs.fn(splits, config.prompt, config.data.answers, store)
     dev = read_prompts(prompts, "dev")
     labels, answers = read_answers(prompts)
     model = resolve_model.fn(config.model, default_cache_dir())
@@ -313,8 +313,8 @@ def _padded_baseline(
 def bench_training(folder: Path, steps: int) -> dict[str, Any]:
     from datasets import Dataset
 
-    from loraflow.config import load_config
-    from loraflow.tasks.generative.prepare import COMPLETION, PROMPT, format_prompts, read_prompts
+    from loraflow.loading import load_config
+    from loraflow.tasks.generative.prepare import COMPLETION, PROMPT, prepare_inputs, read_prompts
     from loraflow.tasks.generative.train import fit_adapter
     from loraflow.tasks.ingest import ingest_table
     from loraflow.tasks.models import default_cache_dir, resolve_model
@@ -322,7 +322,7 @@ def bench_training(folder: Path, steps: int) -> dict[str, Any]:
     config = load_config(GEO, [f"train.max_steps={steps}", "train.logging_steps=1"])
     store = str(folder / "store")
     splits = ingest_table.fn(config.data, config.input_columns, store)
-    prompts = format_prompts.fn(splits, config.prompt, config.data.answers, store)
+    prompts = prepare_inputs.fn(splits, config.prompt, config.data.answers, store)
     frame = read_prompts(prompts, "train")
     model = resolve_model.fn(config.model, default_cache_dir())
 
@@ -366,8 +366,8 @@ def bench_rerun(folder: Path, steps: int) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from loraflow.config import load_config
     from loraflow.flows.generative import train_generative
+    from loraflow.loading import load_config
 
     config = load_config(GEO, [f"train.max_steps={steps}", f"output_dir={folder / 'runs'}"])
     walls, overheads = [], []

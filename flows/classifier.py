@@ -10,7 +10,7 @@ from prefect import flow
 
 from loraflow.config import ClassifierConfig
 from loraflow.flows.fit import fit_anywhere
-from loraflow.tasks.classifier.prepare import map_labels
+from loraflow.tasks.classifier.prepare import prepare_inputs
 from loraflow.tasks.contracts import check_contract
 from loraflow.tasks.hub import push_to_hub
 from loraflow.tasks.ingest import ingest_table
@@ -28,7 +28,7 @@ def train_classifier(config: ClassifierConfig) -> str:
     store = work_store(config)
     splits = ingest_table(config.data, config.input_columns, store)
     contract = check_contract(splits, config.input_columns, config.contract, store)
-    encoded = map_labels(splits, config.input_columns, config.classifier, store)
+    encoded = prepare_inputs(splits, config.input_columns, config.classifier, store)
     fitted = fit_anywhere(config, encoded, store)
     run_dir = write_run_folder(config, splits, contract, **fitted)
     if config.hub.repo_id:

@@ -11,7 +11,7 @@ from prefect import flow
 from loraflow.config import GenerativeConfig
 from loraflow.flows.fit import fit_anywhere
 from loraflow.tasks.contracts import check_contract
-from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.tasks.generative.prepare import prepare_inputs
 from loraflow.tasks.hub import push_to_hub
 from loraflow.tasks.ingest import ingest_table
 from loraflow.tasks.paths import settle_paths, work_store
@@ -28,7 +28,7 @@ def train_generative(config: GenerativeConfig) -> str:
     store = work_store(config)
     splits = ingest_table(config.data, config.input_columns, store)
     contract = check_contract(splits, config.input_columns, config.contract, store)
-    prompts = format_prompts(splits, config.prompt, config.data.answers, store)
+    prompts = prepare_inputs(splits, config.prompt, config.data.answers, store)
     fitted = fit_anywhere(config, prompts, store)
     run_dir = write_run_folder(config, splits, contract, **fitted)
     if config.hub.repo_id:

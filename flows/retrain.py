@@ -14,8 +14,9 @@ from typing import Any
 from prefect import flow
 from pydantic import ValidationError
 
-from loraflow.config import LoraflowConfig, absolute_paths, validate_config
+from loraflow.config import LoraflowConfig, validate_config
 from loraflow.flows import training_flow
+from loraflow.loading import absolute_paths
 from loraflow.tasks.approaches import approach
 from loraflow.tasks.ingest import ingest_table
 from loraflow.tasks.manifest import ModelManifest

@@ -16,8 +16,9 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from loraflow.config import LoraflowConfig, load_config
+from loraflow.config import LoraflowConfig
 from loraflow.errors import UserError
+from loraflow.loading import load_config
 from loraflow.runs import compare_runs, runs_table
 
 # The embedded example ships as package data (examples/ in a checkout, loraflow/examples in a wheel).

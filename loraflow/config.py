@@ -1,19 +1,17 @@
 """The one config schema: a YAML file per classification task, validated into frozen pydantic models.
 
-The same models are the flows' parameter type, so the Prefect UI renders them as a form. Relative paths
-resolve against the config file's folder when loaded with `load_config`, and against the flow run's
-working directory when they arrive as a deployment's parameters (`absolute_paths`, tasks/paths.py).
+A config is a GenerativeConfig or a ClassifierConfig (`LoraflowConfig` is their union, chosen by
+`approach`); the same models are the flows' parameter types, so the Prefect UI renders them as a form.
+Loading a YAML file, `--set` overrides and path resolution live beside it in loraflow/loading.py.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -21,12 +19,11 @@ from pydantic import (
     Field,
     Tag,
     TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from loraflow.errors import ConfigError
+from loraflow.errors import did_you_mean
 
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
@@ -462,164 +459,3 @@ _CONFIG = TypeAdapter(LoraflowConfig)
 def validate_config(raw: Any) -> GenerativeConfig | ClassifierConfig:
     """A config of either approach from a mapping (YAML, a deployment's parameters) or a config object."""
     return _CONFIG.validate_python(raw)
-
-
-# Names users bring from Hugging Face TrainingArguments, peft and the seed notebooks.
-ALIASES = {
-    "rank": "r",
-    "lora_r": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "learning_rate": "lr",
-    "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "lr_scheduler_type": "scheduler",
-    "max_seq_length": "max_length",
-    "warmup_steps": "warmup_ratio",
-    "model_name": "name",
-    "system_message": "system",
-    "label": "label_column",
-}
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """`" (did you mean 'x'?)"` for the closest choice (or the usual Hugging Face alias), or ""."""
-    choices = [str(c) for c in choices]
-    if ALIASES.get(word) in choices:
-        return f" (did you mean '{ALIASES[word]}'?)"
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _model_fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        annotation = field.annotation
-        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        models = [a for a in nested if issubclass(a, BaseModel)]
-        if not models:
-            return []
-        model = models[0]
-    return list(model.model_fields)
-
-
-def _format_errors(error: ValidationError) -> list[str]:
-    problems = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        model: type[BaseModel] = GenerativeConfig
-        if loc and loc[0] in CONFIGS:  # the union's tag: which approach's config reported it
-            model, loc = CONFIGS[loc[0]], loc[1:]
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            hint = did_you_mean(str(loc[-1]), _model_fields_at(model, loc[:-1]))
-            problems.append(f"{path}: unknown key{hint}")
-        elif item["type"] == "missing":
-            problems.append(f"{path}: required field missing")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            value = item.get("input")
-            shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
-            problems.append(f"{path}: {message}{shown}")
-    return problems
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`key.sub=value` strings (value parsed as YAML) into pairs; a malformed one is a ConfigError."""
-    pairs = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=20")
-        pairs.append((key.strip(), yaml.safe_load(value) if value else ""))
-    return pairs
-
-
-_PATH_FIELDS = (
-    ("data", "train"),
-    ("data", "dev"),
-    ("contract", "extra_suite"),
-    ("output_dir",),
-    ("registry",),
-    ("compute", "storage"),
-)
-
-
-def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    for keys in _PATH_FIELDS:
-        node: Any = raw
-        for key in keys[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str | Path):
-            if "://" in str(node[keys[-1]]):  # an fsspec URL, not a local path
-                continue
-            path = Path(node[keys[-1]]).expanduser()
-            node[keys[-1]] = str(path if path.is_absolute() else (base / path).resolve())
-    model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("name"), str):
-        candidate = base / model["name"]
-        if model["name"].startswith((".", "/", "~")) or (candidate.is_dir() and "/" in model["name"]):
-            model["name"] = str(
-                Path(model["name"]).expanduser()
-                if model["name"].startswith(("/", "~"))
-                else candidate.resolve()
-            )
-
-
-def absolute_paths(config: TaskConfig, base: Path) -> GenerativeConfig | ClassifierConfig:
-    """The config with every relative path in it (data files, extra suite, output_dir, registry, a local
-    exchange storage folder, a local model folder) resolved against `base`; absolute ones unchanged."""
-    raw = config.model_dump(mode="json")
-    _resolve_paths(raw, base)
-    return validate_config(raw)
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> GenerativeConfig | ClassifierConfig:
-    """Read, override and validate a YAML config; every problem is reported in one ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(f"{path}: invalid YAML at {where}: {e.problem}") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason}); save the config as UTF-8") from e
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data, prompt, model, ...) at the top")
-    raw.setdefault("name", path.parent.name if path.stem == "config" else path.stem)
-    raw.setdefault("output_dir", "runs")
-    raw.setdefault("registry", "models")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(raw, key, value)
-    _resolve_paths(raw, path.parent.resolve())
-    try:
-        return validate_config(raw)
-    except ValidationError as e:
-        problems = _format_errors(e)
-        raise ConfigError(
-            f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
-        ) from e
-
-
-def dump_config(config: TaskConfig) -> str:
-    """The resolved config as YAML (what a run folder's config.yaml holds)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,4 +1,9 @@
-"""Errors a user can fix: the CLI prints their message and exits non-zero, with no traceback."""
+"""Errors a user can fix: the CLI prints their message and exits non-zero, with no traceback; and the
+did-you-mean hint their messages carry."""
+
+from __future__ import annotations
+
+import difflib
 
 
 class UserError(Exception):
@@ -21,3 +26,31 @@ class ModelError(UserError):
 
 class ResourceError(UserError):
     """The machine ran out of something (GPU memory); the message says which settings to lower."""
+
+
+# Names users bring from Hugging Face TrainingArguments, peft and the seed notebooks.
+ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "max_seq_length": "max_length",
+    "warmup_steps": "warmup_ratio",
+    "model_name": "name",
+    "system_message": "system",
+    "label": "label_column",
+}
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`" (did you mean 'x'?)"` for the closest choice (or the usual Hugging Face alias), or ""."""
+    choices = [str(c) for c in choices]
+    if ALIASES.get(word) in choices:
+        return f" (did you mean '{ALIASES[word]}'?)"
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

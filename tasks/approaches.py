@@ -17,16 +17,16 @@ import pandas as pd
 from prefect import task
 
 from loraflow.config import ClassifierConfig, GenerativeConfig
+from loraflow.tasks.classifier import evaluate as classifier_evaluate
+from loraflow.tasks.classifier import merge as classifier_merge
 from loraflow.tasks.classifier import predict as classifier_predict
-from loraflow.tasks.classifier.evaluate import evaluate_classifier, majority_baseline
-from loraflow.tasks.classifier.merge import merge_classifier
-from loraflow.tasks.classifier.prepare import map_labels
-from loraflow.tasks.classifier.train import train_classifier_head
+from loraflow.tasks.classifier import prepare as classifier_prepare
+from loraflow.tasks.classifier import train as classifier_train
+from loraflow.tasks.generative import evaluate as generative_evaluate
+from loraflow.tasks.generative import merge as generative_merge
 from loraflow.tasks.generative import predict as generative_predict
-from loraflow.tasks.generative.evaluate import evaluate_model
-from loraflow.tasks.generative.merge import merge_adapter
-from loraflow.tasks.generative.prepare import format_prompts
-from loraflow.tasks.generative.train import train_adapter
+from loraflow.tasks.generative import prepare as generative_prepare
+from loraflow.tasks.generative import train as generative_train
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.metrics import label_columns
 from loraflow.tasks.models import default_cache_dir, resolve_model
@@ -37,40 +37,44 @@ Outputs = dict[str, Ref | None]  # adapter, merged, baseline, finetuned
 
 
 def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outputs:
-    dtype = config.model.dtype
+    dtype, processes = config.model.dtype, config.compute.processes
     model = resolve_model(config.model, default_cache_dir())
-    adapter = train_adapter(prompts, model, config.lora, config.train, dtype, store, config.compute.processes)
-    merged = merge_adapter(adapter, model, prompts, config.prompt, dtype, store)
-    baseline = (
-        evaluate_model(model, prompts, "zero-shot", config.eval, dtype, store)
-        if config.eval.baseline
-        else None
+    adapter = generative_train.train_adapter(
+        prompts, model, config.lora, config.train, dtype, store, processes
     )
-    finetuned = evaluate_model(merged, prompts, "finetuned", config.eval, dtype, store)
+    merged = generative_merge.merge_adapter(adapter, model, prompts, config.prompt, dtype, store)
+    baseline = None
+    if config.eval.baseline:  # the base model, zero-shot, with the same prompt
+        baseline = generative_evaluate.evaluate_baseline(model, prompts, config.eval, dtype, store)
+    finetuned = generative_evaluate.evaluate_model(merged, prompts, "finetuned", config.eval, dtype, store)
     return {"adapter": adapter, "merged": merged, "baseline": baseline, "finetuned": finetuned}
 
 
 def _fit_classifier(config: ClassifierConfig, encoded: Ref, store: str) -> Outputs:
-    dtype, max_length = config.model.dtype, config.train.max_length
+    dtype, max_length, processes = config.model.dtype, config.train.max_length, config.compute.processes
     model = resolve_model(config.model, default_cache_dir())
-    adapter = train_classifier_head(
-        encoded, model, config.lora, config.train, config.classifier, dtype, store, config.compute.processes
+    adapter = classifier_train.train_adapter(
+        encoded, model, config.lora, config.train, config.classifier, dtype, store, processes
     )
-    merged = merge_classifier(adapter, model, encoded, max_length, dtype, store)
-    baseline = majority_baseline(encoded, store) if config.eval.baseline else None
-    finetuned = evaluate_classifier(merged, encoded, config.eval, max_length, dtype, store)
+    merged = classifier_merge.merge_adapter(adapter, model, encoded, max_length, dtype, store)
+    baseline = classifier_evaluate.evaluate_baseline(encoded, store) if config.eval.baseline else None
+    finetuned = classifier_evaluate.evaluate_model(merged, encoded, config.eval, max_length, dtype, store)
     return {"adapter": adapter, "merged": merged, "baseline": baseline, "finetuned": finetuned}
 
 
 def _score_generative(config: GenerativeConfig, splits: Ref, model: Ref, store: str) -> Ref:
-    prompts = format_prompts(splits, config.prompt, config.data.answers, store)
-    return evaluate_model(model, prompts, "champion", config.eval, config.model.dtype, store)
+    prompts = generative_prepare.prepare_inputs(splits, config.prompt, config.data.answers, store)
+    return generative_evaluate.evaluate_model(
+        model, prompts, "champion", config.eval, config.model.dtype, store
+    )
 
 
 def _score_classifier(config: ClassifierConfig, splits: Ref, model: Ref, store: str) -> Ref:
-    encoded = map_labels(splits, config.input_columns, config.classifier, store)
+    encoded = classifier_prepare.prepare_inputs(splits, config.input_columns, config.classifier, store)
     max_length, dtype = config.train.max_length, config.model.dtype
-    return evaluate_classifier(model, encoded, config.eval, max_length, dtype, store, kind="champion")
+    return classifier_evaluate.evaluate_model(
+        model, encoded, config.eval, max_length, dtype, store, kind="champion"
+    )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from loraflow.config import LoraflowConfig, dump_config
+from loraflow.config import LoraflowConfig
+from loraflow.loading import dump_config
 from loraflow.tasks.manifest import CardUsage
 
 # Where the embedded models come from, for the card's base_model and license.

@@ -18,8 +18,8 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from loraflow.config import DataSettings, did_you_mean, normalize_label
-from loraflow.errors import DataError
+from loraflow.config import DataSettings, normalize_label
+from loraflow.errors import DataError, did_you_mean
 from loraflow.tasks.excel import sheet_layout, sniff_not_a_workbook
 from loraflow.tasks.store import (
     CONTENT_CACHE,
@@ -342,7 +342,7 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
 
 
 def read_split(ref: Ref, split: str) -> pd.DataFrame:
-    """Load one split (<split>.parquet) of a step folder: ingest_table's, map_labels', format_prompts'."""
+    """Load one split (<split>.parquet) of a step folder: ingest_table's or an approach's prepare_inputs."""
     return pd.read_parquet(Path(ref.path) / f"{split}.parquet")
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from fsspec.core import url_to_fs
 from prefect import task
 
-from loraflow.config import LoraflowConfig, absolute_paths
+from loraflow.config import LoraflowConfig
 from loraflow.errors import ConfigError
+from loraflow.loading import absolute_paths
 from loraflow.tasks.predict import model_folder
 
 

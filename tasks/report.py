@@ -17,7 +17,8 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from loraflow.config import LoraflowConfig, dump_config
+from loraflow.config import LoraflowConfig
+from loraflow.loading import dump_config
 from loraflow.tasks.card import base_model_origin, render_model_card
 from loraflow.tasks.ingest import read_meta
 from loraflow.tasks.lora import read_train_stats

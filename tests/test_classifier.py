@@ -14,20 +14,21 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, pipeline
 
 from loraflow.cli import main
-from loraflow.config import ClassifierSettings, ContractSettings, LoraSettings, TrainSettings, load_config
+from loraflow.config import ClassifierSettings, ContractSettings, LoraSettings, TrainSettings
 from loraflow.errors import ConfigError, DataError
 from loraflow.flows.classifier import train_classifier
-from loraflow.tasks.classifier.merge import merge_classifier
+from loraflow.loading import load_config
+from loraflow.tasks.classifier.merge import merge_adapter
 from loraflow.tasks.classifier.prepare import (
     LABEL_ID,
     TEXT,
     TEXT_PAIR,
     join_inputs,
-    map_labels,
+    prepare_inputs,
     read_label_map,
 )
 from loraflow.tasks.classifier.scoring import classifier_tokenizer, load_classifier, predict_logits, tokenize
-from loraflow.tasks.classifier.train import class_weights, train_classifier_head, weighted_cross_entropy
+from loraflow.tasks.classifier.train import class_weights, train_adapter, weighted_cross_entropy
 from loraflow.tasks.contracts import check_contract
 from loraflow.tasks.ingest import ingest_table, read_split
 from loraflow.tasks.models import load_tokenizer
@@ -89,7 +90,7 @@ def encoded(tmp_path: Path, tiny_model: Path) -> tuple[Ref, Ref, str]:
     store = str(tmp_path / "store")
     splits = ingest_table.fn(config.data, config.input_columns, store)
     return (
-        map_labels.fn(splits, config.input_columns, config.classifier, store),
+        prepare_inputs.fn(splits, config.input_columns, config.classifier, store),
         Ref(path=str(tiny_model), digest="tiny"),
         store,
     )
@@ -118,7 +119,7 @@ def test_label_ids_are_inferred_from_any_label_type(tmp_path: Path, values: list
         ],
     )
     splits = ingest_table.fn(config.data, config.input_columns, str(tmp_path / "store"))
-    ref = map_labels.fn(splits, config.input_columns, config.classifier, str(tmp_path / "store"))
+    ref = prepare_inputs.fn(splits, config.input_columns, config.classifier, str(tmp_path / "store"))
     label_map = read_label_map(ref)
     assert label_map["labels"] == labels
     assert label_map["label2id"] == {label: i for i, label in enumerate(labels)}
@@ -132,7 +133,7 @@ def test_explicit_label2id_sets_the_order(tmp_path: Path) -> None:
         ["data.labels={neutral: 2, entailment: 0, contradiction: 1}"],
     )
     splits = ingest_table.fn(config.data, config.input_columns, str(tmp_path / "store"))
-    ref = map_labels.fn(splits, config.input_columns, config.classifier, str(tmp_path / "store"))
+    ref = prepare_inputs.fn(splits, config.input_columns, config.classifier, str(tmp_path / "store"))
     assert read_label_map(ref)["labels"] == ["entailment", "contradiction", "neutral"]
     with pytest.raises(ConfigError, match=r"label ids must be 0\.\.1"):
         load_config(write_pair_config(tmp_path, Path("unused")), ["data.labels={a: 0, b: 2}"])
@@ -221,14 +222,12 @@ def test_batches_with_padding_give_the_same_logits_as_single_rows(encoded: tuple
 
 def test_head_survives_merge_and_reload_and_pipeline_names_the_labels(encoded: tuple) -> None:
     ref, model, store = encoded
-    adapter = train_classifier_head.fn(
-        ref, model, LoraSettings(r=4), TRAIN, ClassifierSettings(), "float32", store
-    )
+    adapter = train_adapter.fn(ref, model, LoraSettings(r=4), TRAIN, ClassifierSettings(), "float32", store)
     saved = load_file(Path(adapter.path) / "adapter" / "adapter_model.safetensors")
     head = [name for name in saved if ".score." in name]
     assert head and any("lora_B" in name for name in saved)  # the whole head is saved with the adapter
 
-    merged = merge_classifier.fn(adapter, model, ref, TRAIN.max_length, "float32", store)
+    merged = merge_adapter.fn(adapter, model, ref, TRAIN.max_length, "float32", store)
     labels = read_label_map(ref)["labels"]
     reloaded = AutoModelForSequenceClassification.from_pretrained(merged.path).eval()
     assert reloaded.config.id2label == dict(enumerate(labels))
@@ -257,10 +256,8 @@ def test_an_encoder_model_trains_and_merges_too(encoded: tuple, tmp_path: Path) 
     ref, _, store = encoded
     bert = build_tiny_bert(tmp_path / "tiny-bert")
     model = Ref(path=str(bert), digest="tiny-bert")
-    adapter = train_classifier_head.fn(
-        ref, model, LoraSettings(r=4), TRAIN, ClassifierSettings(), "float32", store
-    )
-    merged = merge_classifier.fn(adapter, model, ref, TRAIN.max_length, "float32", store)
+    adapter = train_adapter.fn(ref, model, LoraSettings(r=4), TRAIN, ClassifierSettings(), "float32", store)
+    merged = merge_adapter.fn(adapter, model, ref, TRAIN.max_length, "float32", store)
     info = json.loads((Path(merged.path) / "loraflow.json").read_text())
     assert info["merge_check"]["max_abs_diff"] <= 1e-3
     classify = pipeline("text-classification", model=merged.path, device="cpu")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import GenerativeConfig, load_config, normalize_label, template_fields, validate_config
+from loraflow.config import GenerativeConfig, normalize_label, template_fields, validate_config
 from loraflow.errors import ConfigError
+from loraflow.loading import load_config
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parent.parent
@@ -196,7 +197,7 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs() -> None:
 
 def test_prefect_yaml_deployments_train_the_examples_as_configured() -> None:
     """A deployment of an example's config runs exactly its config.yaml (no drift between the two)."""
-    from loraflow.config import absolute_paths
+    from loraflow.loading import absolute_paths
 
     for deployment in _deployments_with_config():
         config = validate_config(deployment["parameters"]["config"])

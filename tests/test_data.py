@@ -12,7 +12,7 @@ from openpyxl import Workbook
 from loraflow.config import ContractSettings, DataSettings, PromptSettings
 from loraflow.errors import DataError
 from loraflow.tasks.contracts import check_contract
-from loraflow.tasks.generative.prepare import PROMPT, format_prompts, read_prompts, render
+from loraflow.tasks.generative.prepare import PROMPT, prepare_inputs, read_prompts, render
 from loraflow.tasks.generative.scoring import encode_choices
 from loraflow.tasks.ingest import LABEL, ROW, ingest_table, read_meta, read_split, split_stratified
 from loraflow.tasks.models import load_tokenizer
@@ -168,7 +168,7 @@ def test_prompts_apply_the_chat_template_and_answer_map(tmp_path: Path, tiny_mod
     data = _settings(tmp_path / "t.tsv", tmp_path / "t.tsv")
     splits = ingest_table.fn(data, COLUMNS, str(tmp_path / "store"))
     prompt = PromptSettings(system="Judge.", template="R: {requirement}\nS: {sample_data}")
-    ref = format_prompts.fn(splits, prompt, {1: "Yes", 0: "No"}, str(tmp_path / "store"))
+    ref = prepare_inputs.fn(splits, prompt, {1: "Yes", 0: "No"}, str(tmp_path / "store"))
     dev = read_prompts(ref, "dev")
     first = dev[PROMPT][0]
     assert first[0] == {"role": "system", "content": "Judge."}

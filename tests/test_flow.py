@@ -18,9 +18,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 from loraflow.cli import main
-from loraflow.config import load_config
 from loraflow.errors import DataError
 from loraflow.flows.generative import train_generative
+from loraflow.loading import load_config
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.flow

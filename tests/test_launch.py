@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.config import ClassifierSettings, LoraSettings, TrainSettings, load_config
+from loraflow.config import ClassifierSettings, LoraSettings, TrainSettings
+from loraflow.loading import load_config
 from loraflow.tasks.classifier.train import ClassifierTrainJob
-from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.tasks.generative.prepare import prepare_inputs
 from loraflow.tasks.generative.train import GenerativeTrainJob
 from loraflow.tasks.ingest import ingest_table
 from loraflow.tasks.launch import launch_command, read_spec, write_spec
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = TrainSettings(max_steps=3, batch_size=4, lr=0.01, save_steps=2, logging_steps=1, max_length=128)
 
 
-GENERATIVE = "loraflow.tasks.generative.train:train_generative_adapter"  # what train_adapter launches
+GENERATIVE = "loraflow.tasks.generative.train:train_into"  # what train_adapter launches
 
 
 def test_the_launch_command_starts_one_ddp_process_per_gpu_through_accelerate(tmp_path: Path) -> None:
@@ -66,7 +67,7 @@ def test_the_spec_rebuilds_the_arguments_exactly(tmp_path: Path) -> None:
         GenerativeTrainJob(**arguments, classifier=None)
     encoded = {k: v for k, v in arguments.items() if k != "prompts"} | {"encoded": arguments["prompts"]}
     other = ClassifierTrainJob(**encoded, classifier=ClassifierSettings())
-    with pytest.raises(ValueError, match="train_generative_adapter takes a GenerativeTrainJob"):
+    with pytest.raises(ValueError, match="train_into takes a GenerativeTrainJob"):
         write_spec(GENERATIVE, other, tmp_path / "bad.json")
 
 
@@ -77,7 +78,7 @@ def test_two_ddp_processes_train_one_adapter_and_only_the_first_saves(
     config = load_config(write_config(tmp_path / "task", tiny_model))
     store = str(tmp_path / "store")
     splits = ingest_table.fn(config.data, config.input_columns, store)
-    prompts = format_prompts.fn(splits, config.prompt, config.data.answers, store)
+    prompts = prepare_inputs.fn(splits, config.prompt, config.data.answers, store)
     folder = tmp_path / "store" / "train-ddp"
     job = GenerativeTrainJob(
         folder=folder,

@@ -13,9 +13,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from loraflow.cli import main
-from loraflow.config import HubSettings, load_config
+from loraflow.config import HubSettings
 from loraflow.errors import ModelError
 from loraflow.flows.generative import train_generative
+from loraflow.loading import load_config
 from loraflow.tasks.card import front_matter, render_model_card
 from loraflow.tasks.classifier.merge import card_usage
 from loraflow.tasks.hub import push_to_hub

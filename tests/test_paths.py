@@ -13,11 +13,12 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from loraflow.cli import main
-from loraflow.config import absolute_paths, validate_config
+from loraflow.config import validate_config
 from loraflow.errors import ConfigError
 from loraflow.flows.generative import train_generative
 from loraflow.flows.predict import predict
 from loraflow.flows.retrain import retrain
+from loraflow.loading import absolute_paths
 from loraflow.tasks.paths import settle_paths
 from loraflow.tasks.registry import read_history
 from tests.conftest import write_config

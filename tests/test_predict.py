@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 
 from loraflow.cli import main
-from loraflow.config import ClassifierSettings, LoraSettings, load_config
+from loraflow.config import ClassifierSettings, LoraSettings
 from loraflow.flows.predict import predict
-from loraflow.tasks.classifier.merge import merge_classifier
-from loraflow.tasks.classifier.prepare import map_labels
-from loraflow.tasks.classifier.train import train_classifier_head
+from loraflow.loading import load_config
+from loraflow.tasks.classifier.merge import merge_adapter as merge_classifier
+from loraflow.tasks.classifier.prepare import prepare_inputs as map_labels
+from loraflow.tasks.classifier.train import train_adapter as train_classifier_head
 from loraflow.tasks.generative.merge import merge_adapter
-from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.tasks.generative.prepare import prepare_inputs as format_prompts
 from loraflow.tasks.generative.train import train_adapter
 from loraflow.tasks.ingest import ingest_table
 from loraflow.tasks.predict import PREDICTED

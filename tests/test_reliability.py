@@ -20,11 +20,12 @@ from transformers import LlamaForCausalLM, Trainer
 
 import loraflow.tasks.ingest
 import loraflow.tasks.report
-from loraflow.config import ModelSettings, load_config
+from loraflow.config import ModelSettings
 from loraflow.errors import DataError, ModelError, ResourceError
 from loraflow.flows.generative import train_generative
 from loraflow.flows.validate import validate_data
-from loraflow.tasks.generative.prepare import format_prompts
+from loraflow.loading import load_config
+from loraflow.tasks.generative.prepare import prepare_inputs
 from loraflow.tasks.generative.train import train_adapter
 from loraflow.tasks.ingest import ingest_table
 from loraflow.tasks.models import load_causal_lm, resolve_model
@@ -170,7 +171,7 @@ def test_out_of_gpu_memory_says_what_to_change(
     )
     store = str(tmp_path / "store")
     splits = ingest_table.fn(config.data, config.input_columns, store)
-    prompts = format_prompts.fn(splits, config.prompt, config.data.answers, store)
+    prompts = prepare_inputs.fn(splits, config.prompt, config.data.answers, store)
 
     def out_of_memory(*_args: object, **_kwargs: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

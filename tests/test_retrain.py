@@ -10,8 +10,8 @@ import pytest
 
 import loraflow.flows.retrain
 from loraflow.cli import main
-from loraflow.config import load_config
 from loraflow.flows.retrain import retrain
+from loraflow.loading import load_config
 from loraflow.tasks.registry import read_history
 from tests.conftest import write_config
 from tests.tiny import geo_rows

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import loraflow.tasks.generative.train
-from loraflow.config import EvalSettings, LoraSettings, PromptSettings, TrainSettings, load_config
+from loraflow.config import EvalSettings, LoraSettings, PromptSettings, TrainSettings
 from loraflow.errors import ConfigError
+from loraflow.loading import load_config
 from loraflow.tasks.generative.evaluate import evaluate_model
 from loraflow.tasks.generative.merge import merge_adapter
-from loraflow.tasks.generative.prepare import PROMPT, format_prompts, read_answers, read_prompts
+from loraflow.tasks.generative.prepare import PROMPT, prepare_inputs, read_answers, read_prompts
 from loraflow.tasks.generative.scoring import answer_spans, encode_choices, score_labels
 from loraflow.tasks.generative.train import fit_adapter, fit_prompts, train_adapter
 from loraflow.tasks.ingest import ingest_table
@@ -38,7 +39,7 @@ def prepared(tmp_path: Path, tiny_model: Path) -> tuple[Ref, Ref, PromptSettings
     config = load_config(write_config(tmp_path / "task", tiny_model))
     store = str(tmp_path / "store")
     splits = ingest_table.fn(config.data, config.input_columns, store)
-    prompts = format_prompts.fn(splits, config.prompt, config.data.answers, store)
+    prompts = prepare_inputs.fn(splits, config.prompt, config.data.answers, store)
     return prompts, Ref(path=str(tiny_model), digest="tiny"), config.prompt, store
 
 

@@ -29,7 +29,7 @@ def _dev_rows(encoded: Ref) -> pd.DataFrame:
 
 
 @task(name="evaluate", cache_policy=CONTENT_CACHE)
-def evaluate_classifier(
+def evaluate_model(
     model: Ref,
     encoded: Ref,
     settings: EvalSettings,
@@ -64,7 +64,7 @@ def evaluate_classifier(
 
 
 @task(name="majority-baseline", cache_policy=CONTENT_CACHE)
-def majority_baseline(encoded: Ref, store: str) -> Ref:
+def evaluate_baseline(encoded: Ref, store: str) -> Ref:
     """The baseline a classifier must beat: always the most frequent train label (its train share as
     probabilities)."""
     key = digest_of("majority", encoded.digest)

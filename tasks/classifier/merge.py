@@ -38,7 +38,7 @@ def card_usage(sentence_pair: bool) -> CardUsage:
 
 
 @task(name="merge-classifier", cache_policy=CONTENT_CACHE)
-def merge_classifier(adapter: Ref, model: Ref, encoded: Ref, max_length: int, dtype: str, store: str) -> Ref:
+def merge_adapter(adapter: Ref, model: Ref, encoded: Ref, max_length: int, dtype: str, store: str) -> Ref:
     """Write `merged/` (base + LoRA folded in + the trained head, label names in config.json) after
     checking that it gives the adapter model's logits."""
     key = digest_of("merge-cls", adapter.digest, model.digest, encoded.digest, max_length, dtype)

@@ -41,7 +41,7 @@ def join_inputs(frame: pd.DataFrame, columns: list[str], template: str | None) -
 
 
 @task(name="map-labels", cache_policy=CONTENT_CACHE)
-def map_labels(splits: Ref, columns: list[str], classifier: ClassifierSettings, store: str) -> Ref:
+def prepare_inputs(splits: Ref, columns: list[str], classifier: ClassifierSettings, store: str) -> Ref:
     """Write train/dev parquet files with the model inputs (`text`, `text_pair`), `label_id`, labels.json."""
     key = digest_of("labels", splits.digest, columns, classifier.template)
     folder, result = step_output(store, "labels", key)
@@ -67,5 +67,5 @@ def map_labels(splits: Ref, columns: list[str], classifier: ClassifierSettings, 
 
 
 def read_label_map(ref: Ref) -> dict[str, Any]:
-    """labels.json written by `map_labels`: labels in id order, label2id, id2label, columns, template."""
+    """labels.json written by `prepare_inputs`: labels in id order, label2id, id2label, columns, template."""
     return json.loads((Path(ref.path) / LABEL_MAP).read_text())

@@ -115,7 +115,7 @@ def fit_classifier(
     retry_delay_seconds=5,
     retry_condition_fn=retry_unless_user_error,
 )
-def train_classifier_head(
+def train_adapter(
     encoded: Ref,
     model: Ref,
     lora: LoraSettings,
@@ -149,7 +149,7 @@ def train_classifier_head(
         classifier=classifier,
         dtype=dtype,
     )
-    train_once(f"{__name__}:train_classifier_into", job, processes)  # launch finds it by this path
+    train_once(f"{__name__}:train_into", job, processes)  # launch finds it by this path
     return result
 
 
@@ -160,7 +160,7 @@ class ClassifierTrainJob(TrainJob):
     classifier: ClassifierSettings
 
 
-def train_classifier_into(job: ClassifierTrainJob) -> None:
+def train_into(job: ClassifierTrainJob) -> None:
     """Train LoRA + head on the encoded train split into `job.folder` (one process; one of several under
     DDP)."""
     folder, train = job.folder, job.train

@@ -39,3 +39,8 @@ def evaluate_model(
     rows = dev.drop(columns=[PROMPT, COMPLETION])
     save_evaluation(folder, rows, labels, softmax(scores), kind, seconds, extra={"answer_loss": loss})
     return result
+
+
+def evaluate_baseline(model: Ref, prompts: Ref, settings: EvalSettings, dtype: str, store: str) -> Ref:
+    """The generative baseline: the base model zero-shot with the same prompt, scored the same way."""
+    return evaluate_model(model, prompts, "zero-shot", settings, dtype, store)

@@ -36,7 +36,7 @@ def answer_map(labels: list[str], answers: dict[LabelKey, str]) -> dict[str, str
 
 
 @task(name="format-prompts", cache_policy=CONTENT_CACHE)
-def format_prompts(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, str], store: str) -> Ref:
+def prepare_inputs(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, str], store: str) -> Ref:
     """Write train/dev parquet files with `prompt` and `completion` messages, plus answers.json."""
     key = digest_of("prompts", splits.digest, prompt, {str(k): v for k, v in answers.items()})
     folder, result = step_output(store, "prompts", key)
@@ -56,7 +56,7 @@ def format_prompts(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, 
 
 
 def read_prompts(ref: Ref, split: str) -> pd.DataFrame:
-    """One split written by `format_prompts` (messages as lists of dicts)."""
+    """One split written by `prepare_inputs` (messages as lists of dicts)."""
     frame = read_split(ref, split)
     for column in (PROMPT, COMPLETION):
         frame[column] = frame[column].map(lambda messages: [dict(m) for m in messages])
@@ -64,6 +64,6 @@ def read_prompts(ref: Ref, split: str) -> pd.DataFrame:
 
 
 def read_answers(ref: Ref) -> tuple[list[str], list[str]]:
-    """(labels, answers) in label order, as written by `format_prompts`."""
+    """(labels, answers) in label order, as written by `prepare_inputs`."""
     meta = json.loads((Path(ref.path) / "answers.json").read_text())
     return meta["labels"], [meta["answers"][label] for label in meta["labels"]]

@@ -119,7 +119,7 @@ class GenerativeTrainJob(TrainJob):
     prompts: Ref = Field(description="The format-prompts folder (train/dev prompt and completion messages).")
 
 
-def train_generative_adapter(job: GenerativeTrainJob) -> None:
+def train_into(job: GenerativeTrainJob) -> None:
     """Train LoRA on the formatted train split into `job.folder` (one process; one of several under DDP)."""
     checkpoints = job.folder.with_name(f"{job.folder.name}.checkpoints")
     frame, truncated = fit_prompts(
@@ -156,5 +156,5 @@ def train_adapter(
     key = digest_of("train", prompts.digest, model.digest, lora, work_settings(train), dtype, processes)
     folder, result = step_output(store, "train", key)
     job = GenerativeTrainJob(folder=folder, prompts=prompts, model=model, lora=lora, train=train, dtype=dtype)
-    train_once(f"{__name__}:train_generative_adapter", job, processes)  # launch finds it by this path
+    train_once(f"{__name__}:train_into", job, processes)  # launch finds it by this path
     return result
