@@ -16,7 +16,8 @@ setup: $(DEPS_STAMP)
 	@if [ "$$(cat $(VENV)/.loraflow-src 2>/dev/null)" != "$(CURDIR)" ]; then \
 	  $(BIN)/pip install -q --no-deps -e . && echo "$(CURDIR)" > $(VENV)/.loraflow-src; fi
 
-$(DEPS_STAMP): pyproject.toml constraints.txt
+# The stamp's name holds the hash of the dependency files: no file dates (a fresh clone's are all new).
+$(DEPS_STAMP):
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -25,7 +25,15 @@ from prefect.artifacts import create_markdown_artifact
 
 from loraflow.config import LoraflowConfig
 from loraflow.tasks.ingest import DataError, source_digests
-from loraflow.tasks.store import MANIFEST, artifact_key, building, digest_of, link_tree, run_logger
+from loraflow.tasks.store import (
+    MANIFEST,
+    artifact_key,
+    building,
+    digest_of,
+    link_tree,
+    retry_unless_user_error,
+    run_logger,
+)
 
 PRODUCTION = "production"
 HISTORY = "history.jsonl"
@@ -98,7 +106,7 @@ def settle_challenger(
     return record
 
 
-@task(name="check-for-new-data")
+@task(name="check-for-new-data", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def open_attempt(config: LoraflowConfig) -> dict[str, Any]:
     """A retraining attempt's opening record: when, the data files' sha256, the settings' digest, the current
     champion, and `unchanged_since` (the time of the last attempt on the same data and settings, when there
