@@ -26,8 +26,6 @@ from loraflow.tasks.exchange import fetch_from_exchange, fetch_outputs, publish_
 from loraflow.tasks.paths import exchange_storage, work_store
 from loraflow.tasks.store import Ref
 
-OUTPUTS = ("adapter", "merged", "baseline", "finetuned")
-
 
 @flow(name="fit")
 def fit(config: LoraflowConfig, prepared: Ref, storage: str, outbox: str) -> dict[str, Any]:

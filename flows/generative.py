@@ -10,6 +10,7 @@ from prefect import flow
 
 from loraflow.config import GenerativeConfig
 from loraflow.flows.fit import fit_anywhere
+from loraflow.tasks.classical import classical_baselines
 from loraflow.tasks.contracts import check_contract
 from loraflow.tasks.generative.prepare import prepare_inputs
 from loraflow.tasks.hub import push_to_hub
@@ -20,7 +21,8 @@ from loraflow.tasks.report import write_run_folder
 
 @flow(name="train-generative")
 def train_generative(config: GenerativeConfig) -> str:
-    """Ingest → contract → prompts → [model → LoRA → merge → evaluate vs zero-shot] → run folder.
+    """Ingest → contract → prompts → classical baseline → [model → LoRA → merge → evaluate vs zero-shot]
+    → run folder.
 
     The bracketed steps run here or on the GPU pool (config `compute.gpu_deployment`; flows/fit.py).
     """
@@ -29,8 +31,10 @@ def train_generative(config: GenerativeConfig) -> str:
     splits = ingest_table(config.data, config.input_columns, store)
     contract = check_contract(splits, config.input_columns, config.contract, store)
     prompts = prepare_inputs(splits, config.prompt, config.data.answers, store)
+    enabled = config.eval.classical_baseline  # TF-IDF + logistic regression, fitted on train here, in seconds
+    classical = classical_baselines(splits, config.input_columns, config.prompt.template, enabled, store)
     fitted = fit_anywhere(config, prompts, store)
-    run_dir = write_run_folder(config, splits, contract, **fitted)
+    run_dir = write_run_folder(config, splits, contract, **fitted, **classical)
     if config.hub.repo_id:
         push_to_hub(run_dir, config.hub)
     return run_dir

@@ -36,15 +36,17 @@ def runs_table(config: LoraflowConfig) -> str:
     if not runs:
         return f"no finished runs of {config.name} under {Path(config.output_dir) / config.name}"
     lines = [
-        "| run | approach | steps | train s | final loss | baseline F1 | accuracy | macro-F1 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | approach | steps | train s | final loss | baseline F1 | classical F1 | accuracy | macro-F1 "
+        "|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         m = _metrics(run)
         t = m["train"]
         lines.append(
             f"| {run.name} | {m['approach']} | {t['steps']} | {t['seconds']:.0f} | {t['final_loss']:.4f} | "
-            f"{_f1(m['baseline'])} | {m['finetuned']['accuracy']:.3f} | {m['finetuned']['macro_f1']:.3f} |"
+            f"{_f1(m['baseline'])} | {_f1(m.get('classical'))} | {m['finetuned']['accuracy']:.3f} | "
+            f"{m['finetuned']['macro_f1']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -83,6 +85,9 @@ def compare_runs(first: str, second: str) -> str:
         ("fine-tuned accuracy", f"{ma['finetuned']['accuracy']:.4f}", f"{mb['finetuned']['accuracy']:.4f}"),
         ("fine-tuned macro-F1", f"{ma['finetuned']['macro_f1']:.4f}", f"{mb['finetuned']['macro_f1']:.4f}"),
         ("baseline macro-F1", _f1(ma["baseline"]), _f1(mb["baseline"])),
+        ("classical macro-F1", _f1(ma.get("classical")), _f1(mb.get("classical"))),
+        ("test fine-tuned macro-F1", *(_f1((m.get("test") or {}).get("finetuned")) for m in (ma, mb))),
+        ("test classical macro-F1", *(_f1((m.get("test") or {}).get("classical")) for m in (ma, mb))),
         ("train steps", ma["train"]["steps"], mb["train"]["steps"]),
         ("train seconds", f"{ma['train']['seconds']:.1f}", f"{mb['train']['seconds']:.1f}"),
         ("final loss", f"{ma['train']['final_loss']:.4f}", f"{mb['train']['final_loss']:.4f}"),

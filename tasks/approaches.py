@@ -27,39 +27,75 @@ from loraflow.tasks.generative import merge as generative_merge
 from loraflow.tasks.generative import predict as generative_predict
 from loraflow.tasks.generative import prepare as generative_prepare
 from loraflow.tasks.generative import train as generative_train
+from loraflow.tasks.ingest import split_names
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.metrics import label_columns
 from loraflow.tasks.models import default_cache_dir, resolve_model
 from loraflow.tasks.predict import PREDICTED, model_folder
 from loraflow.tasks.store import Ref
 
-Outputs = dict[str, Ref | None]  # adapter, merged, baseline, finetuned
+# adapter, merged, and the evaluations: baseline, finetuned (dev), baseline_test, finetuned_test (None when
+# there is no test split or no baseline)
+Outputs = dict[str, Ref | None]
+
+
+def _evaluations(
+    prepared: Ref, baseline: Callable[[str], Ref] | None, finetuned: Callable[[str], Ref]
+) -> Outputs:
+    """Each model scored on dev, then on test (when the data has one) once training and selection are done."""
+    out: Outputs = {}
+    for split, suffix in (("dev", ""), ("test", "_test")):
+        present = split in split_names(prepared)
+        out[f"baseline{suffix}"] = baseline(split) if baseline and present else None
+        out[f"finetuned{suffix}"] = finetuned(split) if present else None
+    return out
 
 
 def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outputs:
-    dtype, processes = config.model.dtype, config.compute.processes
+    dtype, processes, settings = config.model.dtype, config.compute.processes, config.eval
     model = resolve_model(config.model, default_cache_dir())
     adapter = generative_train.train_adapter(
-        prompts, model, config.lora, config.train, dtype, store, processes
+        prompts, model, config.lora, config.train, dtype, store, processes, settings.batch_size
     )
     merged = generative_merge.merge_adapter(adapter, model, prompts, config.prompt, dtype, store)
-    baseline = None
-    if config.eval.baseline:  # the base model, zero-shot, with the same prompt
-        baseline = generative_evaluate.evaluate_baseline(model, prompts, config.eval, dtype, store)
-    finetuned = generative_evaluate.evaluate_model(merged, prompts, "finetuned", config.eval, dtype, store)
-    return {"adapter": adapter, "merged": merged, "baseline": baseline, "finetuned": finetuned}
+    evaluations = _evaluations(
+        prompts,  # the base model, zero-shot, with the same prompt
+        (lambda split: generative_evaluate.evaluate_baseline(model, prompts, settings, dtype, store, split))
+        if settings.baseline
+        else None,
+        lambda split: generative_evaluate.evaluate_model(
+            merged, prompts, "finetuned", settings, dtype, store, split
+        ),
+    )
+    return {"adapter": adapter, "merged": merged, **evaluations}
 
 
 def _fit_classifier(config: ClassifierConfig, encoded: Ref, store: str) -> Outputs:
     dtype, max_length, processes = config.model.dtype, config.train.max_length, config.compute.processes
+    settings = config.eval
     model = resolve_model(config.model, default_cache_dir())
     adapter = classifier_train.train_adapter(
-        encoded, model, config.lora, config.train, config.classifier, dtype, store, processes
+        encoded,
+        model,
+        config.lora,
+        config.train,
+        config.classifier,
+        dtype,
+        store,
+        processes,
+        settings.batch_size,
     )
     merged = classifier_merge.merge_adapter(adapter, model, encoded, max_length, dtype, store)
-    baseline = classifier_evaluate.evaluate_baseline(encoded, store) if config.eval.baseline else None
-    finetuned = classifier_evaluate.evaluate_model(merged, encoded, config.eval, max_length, dtype, store)
-    return {"adapter": adapter, "merged": merged, "baseline": baseline, "finetuned": finetuned}
+    evaluations = _evaluations(
+        encoded,
+        (lambda split: classifier_evaluate.evaluate_baseline(encoded, store, split))
+        if settings.baseline
+        else None,
+        lambda split: classifier_evaluate.evaluate_model(
+            merged, encoded, settings, max_length, dtype, store, split=split
+        ),
+    )
+    return {"adapter": adapter, "merged": merged, **evaluations}
 
 
 def _score_generative(config: GenerativeConfig, splits: Ref, model: Ref, store: str) -> Ref:

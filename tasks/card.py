@@ -70,8 +70,20 @@ def render_model_card(
             }
         ],
     }
-    baseline = metrics["baseline"]
-    rows = [("fine-tuned", finetuned)] + ([(f"baseline ({baseline['kind']})", baseline)] if baseline else [])
+    test = metrics.get("test") or {}
+    rows = [
+        (name if name == "fine-tuned" else f"{name} ({m['kind']})", m, test.get(key))
+        for key, name in (("finetuned", "fine-tuned"), ("classical", "classical"), ("baseline", "baseline"))
+        if (m := metrics.get(key))
+    ]
+    columns = "| model | accuracy | macro-F1 |" + (" test accuracy | test macro-F1 |" if test else "")
+
+    def row(name: str, m: dict[str, Any], t: dict[str, Any] | None) -> str:
+        scores = f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |"
+        return scores + (
+            (f" {t['accuracy']:.4f} | {t['macro_f1']:.4f} |" if t else " - | - |") if test else ""
+        )
+
     sources = "\n".join(
         f"- `{Path(path).name}`: sha256 `{digest}`" for path, digest in metrics["data"]["sources"].items()
     )
@@ -87,11 +99,16 @@ def render_model_card(
         "",
         usage.usage,
         "",
-        f"## Evaluation ({metrics['n_dev']} dev rows; {metrics['n_train']} train rows)",
+        f"## Evaluation ({metrics['n_dev']} dev rows"
+        + (f", {metrics['n_test']} test rows" if test else "")
+        + f"; {metrics['n_train']} train rows)",
         "",
-        "| model | accuracy | macro-F1 |",
-        "|---|---|---|",
-        *(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |" for name, m in rows),
+        "The classical baseline is TF-IDF + logistic regression fitted on the same train rows."
+        + (" The test split was never used to select anything." if test else ""),
+        "",
+        columns,
+        "|---" * (5 if test else 3) + "|",
+        *(row(name, m, t) for name, m, t in rows),
         "",
         "## Training data",
         "",

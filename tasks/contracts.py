@@ -20,7 +20,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import ContractSettings
 from loraflow.errors import DataError
-from loraflow.tasks.ingest import LABEL, ROW, read_meta, read_split
+from loraflow.tasks.ingest import LABEL, ROW, read_meta, read_split, split_names
 from loraflow.tasks.store import (
     CONTENT_CACHE,
     Ref,
@@ -236,14 +236,14 @@ def describe_violation(check: dict[str, Any]) -> str:
 
 @task(name="check-contract", cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_suite_key))
 def check_contract(splits: Ref, columns: list[str], contract: ContractSettings, store: str) -> Ref:
-    """Validate train and dev; save contract.json; fail with every critical violation listed at once."""
+    """Validate train, dev (and test); save contract.json; fail listing every critical violation at once."""
     key = digest_of("contract", splits.digest, columns, contract, _suite_key(None, {"contract": contract}))
     folder, result = step_output(store, "contract", key)
     if is_complete(folder):
         return result
     meta = read_meta(splits)
     labels = meta["labels"]
-    frames = {"train": read_split(splits, "train"), "dev": read_split(splits, "dev")}
+    frames = {split: read_split(splits, split) for split in split_names(splits)}
     generated = build_expectations(columns, labels, contract)
     extra = _extra_expectations(contract.extra_suite)
     checks = run_suites(frames, {split: generated + extra for split in frames})

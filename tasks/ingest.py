@@ -1,7 +1,7 @@
 """Ingest: read the user's tables (xlsx, tsv, csv, parquet, jsonl) into one parquet file per split.
 
 The cache key is the sha256 of the source bytes plus the data settings, so an unchanged file is never
-read twice. When no dev file is given, a seeded stratified split of train is held out.
+read twice. When no dev (or test) file is given, a seeded stratified split of train is held out.
 """
 
 from __future__ import annotations
@@ -42,13 +42,15 @@ SPELLING = "_label_as_written"  # the label cell as read, before normalising (dr
 
 
 def source_digests(data: DataSettings) -> dict[str, str]:
-    """sha256 of each data file (train, dev): what makes data "new" to caching and retraining."""
+    """sha256 of each data file (train, dev, test): what makes data "new" to caching and retraining."""
     digests = {}
-    for path in (data.train, data.dev):
+    for path in (data.train, data.dev, data.test):
         if path is None:
             continue
         if not Path(path).is_file():
-            raise DataError(f"data file {path} not found; check data.train / data.dev in the config")
+            raise DataError(
+                f"data file {path} not found; check data.train / data.dev / data.test in the config"
+            )
         digests[str(path)] = sha256_file(path)
     return digests
 
@@ -312,29 +314,35 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
     if is_complete(folder):
         return result
     train = _select(_read_file(data.train, data), data.train, columns, data.label_column)
+    test = None
+    if data.test is not None:
+        test = _select(_read_file(data.test, data), data.test, columns, data.label_column)
+    elif data.test_fraction > 0:  # held out first, so that the dev split never overlaps it
+        train, test = split_stratified(train, data.test_fraction, data.split_seed + 1)
     if data.dev is not None:
         dev = _select(_read_file(data.dev, data), data.dev, columns, data.label_column)
     else:
         train, dev = split_stratified(train, data.dev_fraction, data.split_seed)
+    frames = {"train": train, "dev": dev} | ({"test": test} if test is not None else {})
     labels = infer_labels(data, train[LABEL])
-    spellings = label_spellings(train, dev)
+    spellings = label_spellings(*frames.values())
     if spellings:
         run_logger().warning(
             "%s: labels written several ways, read as one label each: %s",
             data.label_column,
             "; ".join(f"{label} ← {', '.join(map(repr, written))}" for label, written in spellings.items()),
         )
-    train, dev = train.drop(columns=[SPELLING]), dev.drop(columns=[SPELLING])
+    held_out = f"{data.train} (held-out split)"
+    files = {"train": str(data.train), "dev": str(data.dev or held_out), "test": str(data.test or held_out)}
     with building(folder) as tmp:
-        train.to_parquet(tmp / "train.parquet", index=False)
-        dev.to_parquet(tmp / "dev.parquet", index=False)
-        files = {"train": str(data.train), "dev": str(data.dev or f"{data.train} (held-out split)")}
+        for split, frame in frames.items():
+            frame.drop(columns=[SPELLING]).to_parquet(tmp / f"{split}.parquet", index=False)
         meta = {
             "sources": sources,
-            "files": files,
+            "files": {split: files[split] for split in frames},
             "labels": labels,
             "columns": columns,
-            "rows": {"train": len(train), "dev": len(dev)},
+            "rows": {split: len(frame) for split, frame in frames.items()},
             "label_spellings": spellings,
         }
         (tmp / "ingest.json").write_text(json.dumps(meta, indent=1))
@@ -344,6 +352,11 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
 def read_split(ref: Ref, split: str) -> pd.DataFrame:
     """Load one split (<split>.parquet) of a step folder: ingest_table's or an approach's prepare_inputs."""
     return pd.read_parquet(Path(ref.path) / f"{split}.parquet")
+
+
+def split_names(ref: Ref) -> list[str]:
+    """The splits of a step folder: train, dev, and test when the data has one."""
+    return [split for split in ("train", "dev", "test") if (Path(ref.path) / f"{split}.parquet").is_file()]
 
 
 def read_meta(ref: Ref) -> dict[str, Any]:

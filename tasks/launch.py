@@ -60,6 +60,7 @@ class TrainJob(BaseModel):
     lora: LoraSettings
     train: TrainSettings
     dtype: str = Field(description="model.dtype of the config.")
+    eval_batch_size: int = Field(16, description="eval.batch_size: rows per pass scoring dev in training.")
 
 
 def _function(path: str) -> Callable[[Any], None]:

@@ -11,20 +11,29 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.exceptions import MissingContextError
-from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+from transformers import (
+    EarlyStoppingCallback,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from loraflow.config import LoraSettings, TrainSettings
 from loraflow.errors import ConfigError, ResourceError
+from loraflow.tasks.metrics import classification_metrics
 from loraflow.tasks.store import (
     Ref,
     building,
@@ -44,8 +53,73 @@ def build_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraC
     )
 
 
-def trainer_arguments(train: TrainSettings, output_dir: Path, bf16: bool) -> dict[str, Any]:
-    """TrainingArguments shared by both approaches: schedule, dynamic padding, checkpoints for resume."""
+# What picks the checkpoint and stops early: dev macro-F1, ties broken by the lower dev loss (a small dev
+# set often scores two checkpoints the same; the one that fits the gold answers better is kept).
+SELECTION_METRIC = "selection_score"
+
+
+def selection_arguments(train: TrainSettings) -> dict[str, Any]:
+    """Evaluation during training and best-checkpoint selection, with the Trainer's own machinery.
+
+    Dev macro-F1 is scored once per epoch (a run of 2 epochs or more), else at every 25% of the run (a
+    ratio the Trainer turns into steps), or every `eval_steps`; the Trainer also scores the last step. With
+    select_best, checkpoints fall on the evaluations (the Trainer requires it) and it keeps the best one,
+    which it loads at the end, so that the best is what gets saved and merged; its state (best metric,
+    best checkpoint) is in every checkpoint, so a resumed run keeps the best so far.
+    """
+    if train.eval_steps == 0:
+        return {"eval_strategy": "no", "save_strategy": "steps", "save_steps": train.save_steps}
+    if train.eval_steps is None and train.max_steps < 0 and train.epochs >= 2:
+        when: dict[str, Any] = {"eval_strategy": "epoch"}
+    else:
+        when = {"eval_strategy": "steps", "eval_steps": train.eval_steps or 0.25}
+    saves = (
+        {"save_strategy": when["eval_strategy"], "save_steps": when.get("eval_steps", train.save_steps)}
+        if train.select_best
+        else {"save_strategy": "steps", "save_steps": train.save_steps}
+    )
+    return {
+        **when,
+        **saves,
+        "metric_for_best_model": SELECTION_METRIC,
+        "greater_is_better": True,
+        "load_best_model_at_end": train.select_best,
+    }
+
+
+def without_evaluation(train: TrainSettings) -> TrainSettings:
+    """The settings for a run that has no dev rows to score: nothing evaluated, the last step kept."""
+    return train.model_copy(update={"eval_steps": 0, "select_best": False, "early_stopping_patience": None})
+
+
+def selection_callbacks(train: TrainSettings) -> list[TrainerCallback]:
+    """Early stopping on dev macro-F1, when train.early_stopping_patience is set."""
+    if not train.early_stopping_patience:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience)]
+
+
+def dev_metrics(gold: Sequence[int], scores: np.ndarray, loss: float) -> dict[str, float]:
+    """The figures of one evaluation during training, from label ids, per-label scores (logits or log-probs)
+    and the dev loss: macro-F1 and accuracy as in the final evaluation, and the selection score: macro-F1
+    less at most 1e-7 for the loss, which orders checkpoints of equal macro-F1 and no others (one dev row
+    moves macro-F1 by far more)."""
+    names = [str(i) for i in range(scores.shape[1])]
+    found = classification_metrics(
+        [str(int(g)) for g in gold], [str(int(p)) for p in np.asarray(scores).argmax(axis=1)], names, "dev"
+    )
+    return {
+        "macro_f1": found["macro_f1"],
+        "accuracy": found["accuracy"],
+        SELECTION_METRIC: found["macro_f1"] - 1e-7 * loss / (1 + loss),
+    }
+
+
+def trainer_arguments(
+    train: TrainSettings, output_dir: Path, bf16: bool, eval_batch_size: int
+) -> dict[str, Any]:
+    """TrainingArguments shared by both approaches: schedule, dynamic padding, checkpoints for resume, and
+    evaluation on dev during training (`selection_arguments`)."""
     return {
         "output_dir": str(output_dir),
         "num_train_epochs": train.epochs,
@@ -61,9 +135,9 @@ def trainer_arguments(train: TrainSettings, output_dir: Path, bf16: bool) -> dic
         "data_seed": train.seed,
         "bf16": bf16,
         "activation_checkpointing": train.gradient_checkpointing,  # transformers 5 name
-        "save_strategy": "steps",
-        "save_steps": train.save_steps,
-        "save_total_limit": 2,
+        **selection_arguments(train),
+        "per_device_eval_batch_size": eval_batch_size,
+        "save_total_limit": 2,  # the last checkpoint (to resume from) and, with select_best, the best
         "logging_steps": train.logging_steps,
         "include_num_input_tokens_seen": "non_padding",
         "report_to": ["tensorboard"] + (["mlflow"] if train.tracking_uri else []),
@@ -122,8 +196,12 @@ class _LogToPrefect(TrainerCallback):
     ) -> None:
         if self.logger and logs:
             self.last |= {k: v for k, v in logs.items() if k in ("loss", "learning_rate")}
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
-            self.logger.info("step %d/%d: %s", state.global_step, state.max_steps, shown)
+            scored = {k.removeprefix("eval_"): v for k, v in logs.items() if k.startswith("eval_")}
+            shown = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (scored or logs).items()
+            )
+            what = " dev" if scored else ""  # an evaluation during training, or a training log line
+            self.logger.info("step %d/%d%s: %s", state.global_step, state.max_steps, what, shown)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.artifact and time.monotonic() - self.updated >= PROGRESS_SECONDS:
@@ -147,9 +225,9 @@ class _LogToPrefect(TrainerCallback):
         update_progress_artifact(self.artifact, 100 * done / total, description=" · ".join(parts))
 
 
-def training_callbacks() -> list[TrainerCallback]:
-    """Callbacks attached to every training run."""
-    return [_LogToPrefect()]
+def training_callbacks(train: TrainSettings) -> list[TrainerCallback]:
+    """Callbacks attached to every training run: the Prefect log and progress, and early stopping."""
+    return [_LogToPrefect(), *selection_callbacks(train)]
 
 
 class _ProgressBar(ProgressCallback):
@@ -218,6 +296,7 @@ def save_trained(
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "truncated_rows": truncated_rows,
         "device": str(trainer.args.device),
+        "selection": selection_record(state, trainer.args.load_best_model_at_end),
     }
     if truncated_rows:
         run_logger().warning(
@@ -235,6 +314,34 @@ def save_trained(
         (tmp / "train.json").write_text(json.dumps(stats, indent=1))
         (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
+
+
+def selection_record(state: Any, select_best: bool) -> dict[str, Any] | None:
+    """The dev curve scored during training and which step was kept (train.json's `selection`); None when
+    nothing was scored during training."""
+    curve = [
+        {
+            "step": e["step"],
+            "epoch": e.get("epoch"),
+            "macro_f1": e["eval_macro_f1"],
+            "accuracy": e.get("eval_accuracy"),
+            "loss": e.get("eval_loss"),
+        }
+        for e in state.log_history
+        if "eval_macro_f1" in e
+    ]
+    if not curve:
+        return None
+    best = state.best_global_step or max(curve, key=lambda point: point["macro_f1"])["step"]
+    return {
+        "metric": "dev macro-F1 (ties: the lower dev loss)",
+        "kept": "best" if select_best else "last",
+        "kept_step": best if select_best else state.global_step,
+        "best_step": best,
+        "best_macro_f1": max(point["macro_f1"] for point in curve),
+        "stopped_early": state.global_step < state.max_steps,
+        "curve": curve,
+    }
 
 
 def read_train_stats(ref: Ref) -> dict[str, Any]:

@@ -27,15 +27,22 @@ def _save(figure: Figure, path: Path) -> None:
 
 
 def plot_training(
-    log_history: list[dict[str, Any]], path: Path, dev_losses: dict[str, float] | None = None
+    log_history: list[dict[str, Any]],
+    path: Path,
+    dev_losses: dict[str, float] | None = None,
+    classical_f1: float | None = None,
 ) -> bool:
     """Training loss (and learning rate, right axis) per logged step, with the dev answer loss of each
-    evaluated model as a dashed line; False when nothing was logged."""
+    evaluated model as a dashed line; below it, dev macro-F1 at each evaluation during training (the best
+    marked, the classical baseline as a dashed line). False when nothing was logged."""
     logged = [e for e in log_history if "loss" in e and "step" in e]
     if not logged:
         return False
-    figure = Figure(figsize=(6.4, 3.6))
-    axes = figure.add_subplot()
+    scored = [e for e in log_history if "eval_macro_f1" in e and "step" in e]
+    figure = Figure(figsize=(6.4, 6.0 if scored else 3.6))
+    axes, lower = figure.subplots(2, 1, sharex=True) if scored else (figure.add_subplot(), None)
+    if lower is not None:
+        _plot_dev_f1(lower, scored, classical_f1)
     steps = [e["step"] for e in logged]
     axes.plot(steps, [e["loss"] for e in logged], marker="o", markersize=3, color="tab:blue", label="loss")
     for (name, value), color in zip((dev_losses or {}).items(), ("tab:gray", "tab:green"), strict=False):
@@ -54,6 +61,22 @@ def plot_training(
     axes.grid(alpha=0.3)
     _save(figure, path)
     return True
+
+
+def _plot_dev_f1(axes: Any, scored: list[dict[str, Any]], classical_f1: float | None) -> None:
+    steps, f1 = [e["step"] for e in scored], [e["eval_macro_f1"] for e in scored]
+    axes.plot(steps, f1, marker="o", markersize=4, color="tab:green", label="dev macro-F1")
+    best = int(np.argmax(f1))
+    axes.scatter([steps[best]], [f1[best]], s=90, facecolors="none", edgecolors="black", label="best")
+    if classical_f1 is not None:
+        axes.axhline(
+            classical_f1, linestyle="--", linewidth=1, color="tab:orange", label="classical baseline"
+        )
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("dev macro-F1")
+    axes.legend(loc="lower right", fontsize="small")
+    axes.grid(alpha=0.3)
 
 
 def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path) -> None:
@@ -75,25 +98,26 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path) ->
     _save(figure, path)
 
 
-def plot_f1(
-    labels: list[str], finetuned: dict[str, Any], baseline: dict[str, Any] | None, path: Path
-) -> None:
-    """Per-class F1 bars: the baseline (when there is one) beside the fine-tuned model."""
+F1_COLOURS = {"baseline": "tab:gray", "classical": "tab:orange", "finetuned": "tab:blue"}
+
+
+def plot_f1(labels: list[str], models: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per-class F1 bars of each scored model (baseline, classical, fine-tuned), side by side per label."""
     x = np.arange(len(labels))
-    width = 0.4 if baseline else 0.6
-    figure = Figure(figsize=(max(4.8, 0.8 * len(labels) + 2), 3.6))
+    width = 0.8 / len(models)
+    figure = Figure(figsize=(max(4.8, 0.8 * len(labels) * len(models) / 2 + 2), 3.6))
     axes = figure.add_subplot()
-    if baseline:
-        scores = [baseline["per_class"][label]["f1"] for label in labels]
-        axes.bar(x - width / 2, scores, width, label=f"baseline ({baseline['kind']})", color="tab:gray")
-    offset = width / 2 if baseline else 0
-    scores = [finetuned["per_class"][label]["f1"] for label in labels]
-    axes.bar(x + offset, scores, width, label="fine-tuned", color="tab:blue")
+    for i, (name, m) in enumerate(models.items()):
+        scores = [m["per_class"][label]["f1"] for label in labels]
+        shown = "fine-tuned" if name == "finetuned" else f"{name} ({m['kind']})"
+        offset = (i - (len(models) - 1) / 2) * width
+        axes.bar(x + offset, scores, width, label=shown, color=F1_COLOURS.get(name, "tab:green"))
     axes.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0)
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("F1 (dev)")
     axes.set_title("Per-class F1")
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(labels) <= 4 else -0.25), ncol=2)
+    below = -0.12 if len(labels) <= 4 else -0.25
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, below), ncol=len(models))
     axes.grid(axis="y", alpha=0.3)
     _save(figure, path)
 
@@ -107,11 +131,16 @@ def dev_losses(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _classical_f1(metrics: dict[str, Any]) -> float | None:
+    return metrics["classical"]["macro_f1"] if metrics.get("classical") else None
+
+
 def draw_plots(folder: Path, metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> list[str]:
     """Every plot of a run into `folder`; returns the relative paths written."""
     written = []
-    if plot_training(log_history, folder / PLOTS["loss"], dev_losses(metrics)):
+    if plot_training(log_history, folder / PLOTS["loss"], dev_losses(metrics), _classical_f1(metrics)):
         written.append(PLOTS["loss"])
     plot_confusion(metrics["finetuned"]["confusion"], metrics["labels"], folder / PLOTS["confusion"])
-    plot_f1(metrics["labels"], metrics["finetuned"], metrics["baseline"], folder / PLOTS["f1"])
+    scored = {name: metrics[name] for name in ("baseline", "classical", "finetuned") if metrics.get(name)}
+    plot_f1(metrics["labels"], scored, folder / PLOTS["f1"])
     return written + [PLOTS["confusion"], PLOTS["f1"]]

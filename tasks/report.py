@@ -20,7 +20,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from loraflow.config import LoraflowConfig
 from loraflow.loading import dump_config
 from loraflow.tasks.card import base_model_origin, render_model_card
-from loraflow.tasks.ingest import read_meta
+from loraflow.tasks.ingest import read_meta, split_names
 from loraflow.tasks.lora import read_train_stats
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.metrics import read_evaluation
@@ -28,73 +28,114 @@ from loraflow.tasks.models import default_cache_dir
 from loraflow.tasks.plots import dev_losses, draw_plots
 from loraflow.tasks.store import Ref, artifact_key, link_tree, write_manifest
 
+MODELS = ("baseline", "classical", "finetuned")  # metrics.json's keys, in the order reports list them
+Evaluations = dict[str, dict[str, Any] | None]  # a model's key → its metrics.json from `save_evaluation`
+
+
+def _model_metrics(m: dict[str, Any] | None) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    return {k: m[k] for k in ("kind", "accuracy", "macro_f1", "per_class", "confusion")} | (
+        {"answer_loss": m["eval"]["answer_loss"]} if "answer_loss" in m.get("eval", {}) else {}
+    )
+
 
 def build_metrics(
-    config: LoraflowConfig,
-    splits: Ref,
-    baseline: dict[str, Any] | None,
-    finetuned: dict[str, Any],
-    train: dict[str, Any],
+    config: LoraflowConfig, splits: Ref, dev: Evaluations, test: Evaluations, train: dict[str, Any]
 ) -> dict[str, Any]:
-    """metrics.json: config, data sizes, labels, baseline and fine-tuned metrics, train and eval figures."""
+    """metrics.json: config, data sizes, labels, each model's dev metrics (baseline, classical, finetuned),
+    the same on the test split when there is one, how the checkpoint was selected, train and eval figures."""
     meta = read_meta(splits)
-
-    def _model_metrics(m: dict[str, Any] | None) -> dict[str, Any] | None:
-        return (
-            None
-            if m is None
-            else {k: m[k] for k in ("kind", "accuracy", "macro_f1", "per_class", "confusion")}
-            | ({"answer_loss": m["eval"]["answer_loss"]} if "answer_loss" in m.get("eval", {}) else {})
-        )
-
     return {
         "config": config.name,
         "approach": config.approach,
         "model": config.model.name,
         "n_train": meta["rows"]["train"],
         "n_dev": meta["rows"]["dev"],
+        "n_test": meta["rows"].get("test", 0),
         "labels": meta["labels"],
-        "baseline": _model_metrics(baseline),
-        "finetuned": _model_metrics(finetuned),
+        **{name: _model_metrics(dev.get(name)) for name in MODELS},
+        "test": {name: _model_metrics(test.get(name)) for name in MODELS} if test.get("finetuned") else None,
         "train": {k: train[k] for k in ("seconds", "steps", "tokens_per_second", "final_loss", "peak_rss_mb")}
-        | {"truncated_rows": train["truncated_rows"]},
-        "eval": finetuned["eval"],
+        | {"truncated_rows": train["truncated_rows"], "selection": train.get("selection")},
+        "eval": dev["finetuned"]["eval"],
         "data": {"sources": meta["sources"]},
     }
 
 
+def _scored(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """(name, dev metrics, test metrics or None) of each model the run scored, in report order."""
+    test = metrics.get("test") or {}
+    return [(name, metrics[name], test.get(name)) for name in MODELS if metrics.get(name)]
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """Markdown table: baseline vs fine-tuned accuracy and macro-F1."""
-    lines = ["| model | kind | accuracy | macro-F1 |", "|---|---|---|---|"]
-    for name in ("baseline", "finetuned"):
-        m = metrics[name]
-        if m is not None:
-            lines.append(f"| {name} | {m['kind']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} |")
+    """Markdown table: each model's accuracy and macro-F1 on dev (and test, when there is one)."""
+    with_test = bool(metrics.get("test"))
+    header = "| model | kind | accuracy | macro-F1 |" + (
+        " test accuracy | test macro-F1 |" if with_test else ""
+    )
+    lines = [header, "|---" * (6 if with_test else 4) + "|"]
+    for name, m, t in _scored(metrics):
+        row = f"| {name} | {m['kind']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} |"
+        if with_test:
+            row += f" {t['accuracy']:.3f} | {t['macro_f1']:.3f} |" if t else " - | - |"
+        lines.append(row)
     return "\n".join(lines)
 
 
+def verdict(metrics: dict[str, Any]) -> list[str]:
+    """Plain sentences on what the scores mean: whether the fine-tune beats the classical baseline (on test
+    when there is one, as dev picked the checkpoint), and whether the dev score is optimistic."""
+    test = metrics.get("test") or {}
+    scored = test if test.get("classical") else metrics
+    where = "test" if scored is test else "dev"
+    said = []
+    classical, finetuned = scored.get("classical"), scored.get("finetuned")
+    if classical and finetuned and finetuned["macro_f1"] <= classical["macro_f1"]:
+        other = "classifier" if metrics["approach"] == "generative" else "generative"
+        said.append(
+            f"The fine-tuned model does not beat the classical baseline (TF-IDF + logistic regression) on "
+            f"{where} macro-F1 ({finetuned['macro_f1']:.3f} vs {classical['macro_f1']:.3f}): try more "
+            f"epochs (train.epochs), the other approach (approach: {other}), or a larger model on a GPU "
+            "(model.name, compute.gpu_deployment)."
+        )
+    selection = (metrics["train"].get("selection") or {}).get("kept") == "best"
+    if selection and not metrics.get("test"):
+        said.append(
+            "The dev split also picked the checkpoint (train.select_best), so its score is optimistic: set "
+            "data.test or data.test_fraction for a split that nothing is selected on."
+        )
+    return said
+
+
 def render_report(metrics: dict[str, Any], run_dir: Path, plots: list[str] | None = None) -> str:
-    """report.md: summary, per-class table, confusion matrix, training figures and the plots."""
+    """report.md: summary, the verdict, per-class table, confusion matrix, training figures and the plots."""
     labels = metrics["labels"]
     ft = metrics["finetuned"]
-    base = metrics["baseline"]
+    test_rows = f", test rows: {metrics['n_test']}" if metrics.get("test") else ""
+    others = [(name, metrics[name]) for name in ("baseline", "classical") if metrics.get(name)]
     lines = [
         f"# {metrics['config']}: {metrics['approach']} fine-tune of {metrics['model']}",
         "",
-        f"Train rows: {metrics['n_train']}, dev rows: {metrics['n_dev']}, labels: {', '.join(labels)}.",
+        f"Train rows: {metrics['n_train']}, dev rows: {metrics['n_dev']}{test_rows}, labels: "
+        f"{', '.join(labels)}.",
         "",
         metrics_table(metrics),
         "",
+        *(sentence for said in verdict(metrics) for sentence in (said, "")),
         "## Per class (dev)",
         "",
-        "| label | support | baseline F1 | fine-tuned precision | recall | F1 |",
-        "|---|---|---|---|---|---|",
+        "| label | support | "
+        + "".join(f"{m['kind']} F1 | " for _, m in others)
+        + "fine-tuned precision | recall | F1 |",
+        "|---" * (5 + len(others)) + "|",
     ]
     for label in labels:
         c = ft["per_class"][label]
-        b = f"{base['per_class'][label]['f1']:.3f}" if base else "-"
+        rest = "".join(f"{m['per_class'][label]['f1']:.3f} | " for _, m in others)
         lines.append(
-            f"| {label} | {c['support']} | {b} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} |"
+            f"| {label} | {c['support']} | {rest}{c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} |"
         )
     lines += [
         "",
@@ -115,6 +156,20 @@ def render_report(metrics: dict[str, Any], run_dir: Path, plots: list[str] | Non
         f"Evaluation: {metrics['eval']['rows_per_second']:.1f} dev rows/s.",
         "",
     ]
+    selection = t.get("selection")
+    if selection:
+        curve = ", ".join(f"{p['macro_f1']:.3f} (step {p['step']})" for p in selection["curve"])
+        kept = (
+            f"the best, step {selection['kept_step']}, was kept"
+            if selection["kept"] == "best"
+            else f"the last step, {selection['kept_step']}, was kept (train.select_best: false)"
+        )
+        stopped = (
+            " Training stopped early: dev macro-F1 had stopped improving."
+            if selection["stopped_early"]
+            else ""
+        )
+        lines[-1:-1] = [f"Dev macro-F1 during training: {curve}; {kept}.{stopped}"]
     losses = [f"{name} {value:.4f}" for name, value in dev_losses(metrics).items()]
     if losses:
         lines[-1:-1] = [f"Dev answer loss (−log p(gold answer), mean per row): {', '.join(losses)}."]
@@ -124,11 +179,12 @@ def render_report(metrics: dict[str, Any], run_dir: Path, plots: list[str] | Non
     return "\n".join(lines)
 
 
-def _predictions(finetuned: Ref, baseline: Ref | None) -> Any:
+def _predictions(finetuned: Ref, others: dict[str, Ref | None]) -> Any:
+    """The fine-tuned model's predictions with each other model's predicted label beside them."""
     _, frame = read_evaluation(finetuned)
-    if baseline is not None:
-        _, base = read_evaluation(baseline)
-        frame["baseline_predicted"] = base["predicted"].to_numpy()
+    for name, ref in others.items():
+        if ref is not None:
+            frame[f"{name}_predicted"] = read_evaluation(ref)[1]["predicted"].to_numpy()
     return frame
 
 
@@ -150,6 +206,10 @@ def write_run_folder(
     merged: Ref,
     baseline: Ref | None,
     finetuned: Ref,
+    classical: Ref | None = None,
+    baseline_test: Ref | None = None,
+    finetuned_test: Ref | None = None,
+    classical_test: Ref | None = None,
 ) -> str:
     """Assemble runs/<name>/<UTC timestamp>/ and publish the report as Prefect artifacts."""
     parent = Path(config.output_dir) / config.name
@@ -157,12 +217,16 @@ def write_run_folder(
     tmp = parent / f".run-{uuid.uuid4().hex[:8]}.partial"
     tmp.mkdir()
     try:
-        base_metrics = read_evaluation(baseline)[0] if baseline else None
+        dev = {"baseline": baseline, "classical": classical, "finetuned": finetuned}
+        test = {"baseline": baseline_test, "classical": classical_test, "finetuned": finetuned_test}
         metrics = build_metrics(
-            config, splits, base_metrics, read_evaluation(finetuned)[0], read_train_stats(adapter)
+            config,
+            splits,
+            *({name: read_evaluation(ref)[0] for name, ref in refs.items() if ref} for refs in (dev, test)),
+            read_train_stats(adapter),
         )
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-        for split in ("train", "dev"):
+        for split in split_names(splits):
             link_tree(Path(splits.path) / f"{split}.parquet", tmp / "data" / f"{split}.parquet")
         link_tree(Path(contract.path) / "contract.json", tmp / "contract.json")
         link_tree(Path(adapter.path) / "adapter", tmp / "adapter")
@@ -173,7 +237,12 @@ def write_run_folder(
         base_model, license_ = base_model_origin(config.model.name, Path(default_cache_dir()))
         card = render_model_card(config, metrics, base_model, license_, ModelManifest.read(merged.path).card)
         (tmp / "merged" / "README.md").write_text(card, encoding="utf-8")
-        _predictions(finetuned, baseline).to_parquet(tmp / "predictions.parquet", index=False)
+        _predictions(finetuned, {"baseline": baseline, "classical": classical}).to_parquet(
+            tmp / "predictions.parquet", index=False
+        )
+        if finetuned_test is not None:
+            others = {"baseline": baseline_test, "classical": classical_test}
+            _predictions(finetuned_test, others).to_parquet(tmp / "test_predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         log_history = json.loads((Path(adapter.path) / "log_history.json").read_text())
         plots = draw_plots(tmp, metrics, log_history)
@@ -211,9 +280,14 @@ def write_run_folder(
                 "accuracy": round(m["accuracy"], 4),
                 "macro_f1": round(m["macro_f1"], 4),
             }
-            for name, m in (("baseline", metrics["baseline"]), ("finetuned", metrics["finetuned"]))
-            if m
+            | (
+                {"test_accuracy": round(t["accuracy"], 4), "test_macro_f1": round(t["macro_f1"], 4)}
+                if t
+                else {}
+            )
+            for name, m, t in _scored(metrics)
         ],
-        description=f"Baseline vs fine-tuned on {metrics['n_dev']} dev rows",
+        description=f"Baselines vs fine-tuned on {metrics['n_dev']} dev rows"
+        + (f" and {metrics['n_test']} test rows" if metrics.get("test") else ""),
     )
     return str(final)

@@ -56,7 +56,7 @@ def _start_run(config: Path, home: Path, log: Path) -> subprocess.Popen:
 
 
 def test_a_killed_training_run_resumes_from_its_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
-    train = {"max_steps": 300, "save_steps": 10, "logging_steps": 50, "batch_size": 8}
+    train = {"max_steps": 300, "save_steps": 10, "logging_steps": 50, "batch_size": 8, "select_best": False}
     config = write_config(tmp_path / "task", tiny_model, train=train, eval={"baseline": False})
     work = tmp_path / "task" / "runs" / "tiny-geo" / "work"
     first = _start_run(config, tmp_path / "home", tmp_path / "first.log")

@@ -134,16 +134,18 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(
     prepared: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompts, model, _, store = prepared
+    settings = TRAIN.model_copy(update={"select_best": False})  # checkpoints every save_steps, not per eval
     real = loraflow.tasks.generative.train.training_callbacks
-    monkeypatch.setattr(loraflow.tasks.generative.train, "training_callbacks", lambda: [*real(), _CrashAt(3)])
+    crashing = lambda train: [*real(train), _CrashAt(3)]  # noqa: E731
+    monkeypatch.setattr(loraflow.tasks.generative.train, "training_callbacks", crashing)
     with pytest.raises(RuntimeError, match="simulated crash at step 3"):
-        train_adapter.fn(prompts, model, LoraSettings(r=4), TRAIN, "float32", store)
+        train_adapter.fn(prompts, model, LoraSettings(r=4), settings, "float32", store)
     checkpoints = sorted(Path(store).glob("train-*.checkpoints/checkpoint-*"))
     assert [p.name for p in checkpoints] == ["checkpoint-2"]
     assert not list(Path(store).glob("train-*[0-9a-f]/MANIFEST.json"))  # nothing looks finished
 
     monkeypatch.setattr(loraflow.tasks.generative.train, "training_callbacks", real)
-    adapter = train_adapter.fn(prompts, model, LoraSettings(r=4), TRAIN, "float32", store)
+    adapter = train_adapter.fn(prompts, model, LoraSettings(r=4), settings, "float32", store)
     stats = json.loads((Path(adapter.path) / "train.json").read_text())
     assert stats["resumed_from_step"] == 2 and stats["steps"] == 4
     history = json.loads((Path(adapter.path) / "log_history.json").read_text())

@@ -24,8 +24,8 @@ from loraflow.tasks.store import (
 )
 
 
-def _dev_rows(encoded: Ref) -> pd.DataFrame:
-    return read_split(encoded, "dev").drop(columns=[TEXT, TEXT_PAIR, LABEL_ID], errors="ignore")
+def _rows(encoded: Ref, split: str) -> pd.DataFrame:
+    return read_split(encoded, split).drop(columns=[TEXT, TEXT_PAIR, LABEL_ID], errors="ignore")
 
 
 @task(name="evaluate", cache_policy=CONTENT_CACHE)
@@ -37,14 +37,17 @@ def evaluate_model(
     dtype: str,
     store: str,
     kind: str = "finetuned",
+    split: str = "dev",
 ) -> Ref:
-    """Classify the dev split with `model`; write predictions.parquet and metrics.json."""
-    key = digest_of("evaluate-cls", model.digest, encoded.digest, settings, max_length, dtype, kind)
+    """Classify the dev (or test) split with `model`; write predictions.parquet and metrics.json."""
+    key = digest_of(
+        "evaluate-cls", model.digest, encoded.digest, settings.batch_size, max_length, dtype, kind, split
+    )
     folder, result = step_output(store, "evaluate", key)
     if is_complete(folder):
         return result
     labels = read_label_map(encoded)["labels"]
-    dev = read_split(encoded, "dev")
+    dev = read_split(encoded, split)
     tokenizer = classifier_tokenizer(model.path)
     network = load_classifier(model.path, labels, tokenizer, dtype)
     started = time.perf_counter()
@@ -53,7 +56,7 @@ def evaluate_model(
     truncated = tokenize(tokenizer, dev, max_length)[1]
     save_evaluation(
         folder,
-        _dev_rows(encoded),
+        _rows(encoded, split),
         labels,
         softmax(logits),
         kind,
@@ -64,16 +67,16 @@ def evaluate_model(
 
 
 @task(name="majority-baseline", cache_policy=CONTENT_CACHE)
-def evaluate_baseline(encoded: Ref, store: str) -> Ref:
+def evaluate_baseline(encoded: Ref, store: str, split: str = "dev") -> Ref:
     """The baseline a classifier must beat: always the most frequent train label (its train share as
     probabilities)."""
-    key = digest_of("majority", encoded.digest)
+    key = digest_of("majority", encoded.digest, split)
     folder, result = step_output(store, "evaluate", key)
     if is_complete(folder):
         return result
     labels = read_label_map(encoded)["labels"]
     counts = np.bincount(read_split(encoded, "train")[LABEL_ID], minlength=len(labels))
-    dev = _dev_rows(encoded)
+    dev = _rows(encoded, split)
     probabilities = np.tile(counts / counts.sum(), (len(dev), 1))
     save_evaluation(folder, dev, labels, probabilities, "majority", 0.0)
     return result

@@ -11,8 +11,9 @@ from typing import Any
 import pandas as pd
 from prefect import task
 
-from loraflow.config import ClassifierSettings, render
-from loraflow.tasks.ingest import LABEL, read_meta, read_split
+from loraflow.config import ClassifierSettings
+from loraflow.tasks.classical import input_text
+from loraflow.tasks.ingest import LABEL, read_meta, read_split, split_names
 from loraflow.tasks.store import (
     CONTENT_CACHE,
     Ref,
@@ -31,12 +32,10 @@ LABEL_MAP = "labels.json"
 def join_inputs(frame: pd.DataFrame, columns: list[str], template: str | None) -> pd.DataFrame:
     """`text` (and `text_pair` for two columns without a template) from the input columns of each row."""
     out = pd.DataFrame(index=frame.index)
-    if template is not None:
-        out[TEXT] = [render(template, row) for row in frame[columns].to_dict("records")]
-    elif len(columns) == 2:
+    if template is None and len(columns) == 2:
         out[TEXT], out[TEXT_PAIR] = frame[columns[0]], frame[columns[1]]
-    else:  # one column as is; more joined by blank lines
-        out[TEXT] = frame[columns].astype(str).agg("\n\n".join, axis=1)
+    else:  # the template rendered; one column as is; more joined by blank lines
+        out[TEXT] = input_text(frame, columns, template)
     return out
 
 
@@ -50,7 +49,7 @@ def prepare_inputs(splits: Ref, columns: list[str], classifier: ClassifierSettin
     labels = read_meta(splits)["labels"]
     label2id = {label: i for i, label in enumerate(labels)}
     with building(folder) as tmp:
-        for split in ("train", "dev"):
+        for split in split_names(splits):
             frame = read_split(splits, split)
             frame = pd.concat([frame, join_inputs(frame, columns, classifier.template)], axis=1)
             frame[LABEL_ID] = frame[LABEL].map(label2id).astype("int64")

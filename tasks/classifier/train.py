@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from datasets import Dataset
 from peft import get_peft_model
@@ -27,11 +28,13 @@ from loraflow.tasks.ingest import read_split
 from loraflow.tasks.launch import TrainJob, train_once
 from loraflow.tasks.lora import (
     build_lora_config,
+    dev_metrics,
     save_trained,
     tracking_setup,
     train_resuming,
     trainer_arguments,
     training_callbacks,
+    without_evaluation,
     work_settings,
 )
 from loraflow.tasks.models import peft_quietly, uses_bf16
@@ -73,6 +76,19 @@ def weighted_cross_entropy(weights: torch.Tensor | None) -> Callable[..., torch.
     return loss
 
 
+def labelled_tokens(tokenizer: Any, frame: pd.DataFrame, max_length: int) -> tuple[Dataset, int]:
+    """The rows' tokens with their label ids as `labels`, and how many rows were truncated."""
+    tokens, truncated = tokenize(tokenizer, frame, max_length)
+    return Dataset.from_dict({**tokens, "labels": frame[LABEL_ID].tolist()}), truncated
+
+
+def _loss(scored: Any) -> float:
+    """Mean cross-entropy of the dev rows' logits against their labels (unweighted)."""
+    logits = torch.as_tensor(np.asarray(scored.predictions), dtype=torch.float32)
+    labels = torch.as_tensor(np.asarray(scored.label_ids), dtype=torch.long)
+    return float(torch.nn.functional.cross_entropy(logits, labels))
+
+
 def fit_classifier(
     dataset: Dataset,
     model_path: str,
@@ -82,8 +98,14 @@ def fit_classifier(
     weights: torch.Tensor | None,
     dtype: str,
     checkpoints: Path,
+    dev: Dataset | None = None,
+    eval_batch_size: int = 16,
 ) -> tuple[Trainer, int]:
-    """Train LoRA + the new head on tokenized rows; resume from the last checkpoint in `checkpoints`."""
+    """Train LoRA + the new head on tokenized rows, classifying the tokenized `dev` rows as it goes with
+    the Trainer's own evaluation (without them, nothing is scored or selected); resume from the last
+    checkpoint in `checkpoints`."""
+    if dev is None:
+        train = without_evaluation(train)
     tracking_setup(train)
     tokenizer = classifier_tokenizer(model_path)
     set_seed(train.seed)  # the head's and LoRA's initial weights come from the global RNG
@@ -91,7 +113,7 @@ def fit_classifier(
     with peft_quietly():
         network = get_peft_model(base, build_lora_config(lora, "SEQ_CLS"))
     args = TrainingArguments(
-        **trainer_arguments(train, checkpoints, bf16=uses_bf16(dtype)),
+        **trainer_arguments(train, checkpoints, uses_bf16(dtype), eval_batch_size),
         train_sampling_strategy="group_by_length",  # rows of similar length share a batch: less padding
         label_names=["labels"],
         remove_unused_columns=False,
@@ -100,10 +122,12 @@ def fit_classifier(
         model=network,
         args=args,
         train_dataset=dataset,
+        eval_dataset=dev if train.eval_steps != 0 else None,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_loss_func=weighted_cross_entropy(weights),
-        callbacks=training_callbacks(),
+        compute_metrics=lambda scored: dev_metrics(scored.label_ids, scored.predictions, _loss(scored)),
+        callbacks=training_callbacks(train),
     )
     return trainer, train_resuming(trainer, checkpoints)
 
@@ -124,6 +148,7 @@ def train_adapter(
     dtype: str,
     store: str,
     processes: int = 1,
+    eval_batch_size: int = 16,
 ) -> Ref:
     """Train LoRA and the classification head on the train split; resume from the last checkpoint.
 
@@ -136,6 +161,7 @@ def train_adapter(
         lora,
         work_settings(train),
         classifier.class_weights,
+        eval_batch_size,
         dtype,
         processes,
     )
@@ -148,6 +174,7 @@ def train_adapter(
         train=train,
         classifier=classifier,
         dtype=dtype,
+        eval_batch_size=eval_batch_size,
     )
     train_once(f"{__name__}:train_into", job, processes)  # launch finds it by this path
     return result
@@ -168,11 +195,21 @@ def train_into(job: ClassifierTrainJob) -> None:
     labels = read_label_map(job.encoded)["labels"]
     frame = read_split(job.encoded, "train")
     weights = class_weights(job.classifier.class_weights, labels, frame[LABEL_ID].tolist())
-    tokens, truncated = tokenize(classifier_tokenizer(job.model.path), frame, train.max_length)
-    dataset = Dataset.from_dict({**tokens, "labels": frame[LABEL_ID].tolist()})
+    tokenizer = classifier_tokenizer(job.model.path)
+    dataset, truncated = labelled_tokens(tokenizer, frame, train.max_length)
+    dev, _ = labelled_tokens(tokenizer, read_split(job.encoded, "dev"), train.max_length)
     started = time.perf_counter()
     trainer, resumed_from = fit_classifier(
-        dataset, job.model.path, labels, job.lora, train, weights, job.dtype, checkpoints
+        dataset,
+        job.model.path,
+        labels,
+        job.lora,
+        train,
+        weights,
+        job.dtype,
+        checkpoints,
+        dev,
+        job.eval_batch_size,
     )
     if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
         save_trained(folder, trainer, time.perf_counter() - started, resumed_from, truncated, checkpoints)

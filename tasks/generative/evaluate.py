@@ -20,15 +20,15 @@ from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, ste
 
 @task(name="evaluate", cache_policy=CONTENT_CACHE)
 def evaluate_model(
-    model: Ref, prompts: Ref, kind: str, settings: EvalSettings, dtype: str, store: str
+    model: Ref, prompts: Ref, kind: str, settings: EvalSettings, dtype: str, store: str, split: str = "dev"
 ) -> Ref:
-    """Score the dev split with `model`; write predictions.parquet and metrics.json."""
-    key = digest_of("evaluate", model.digest, prompts.digest, kind, settings, dtype)
+    """Score the dev (or test) split with `model`; write predictions.parquet and metrics.json."""
+    key = digest_of("evaluate", model.digest, prompts.digest, kind, settings.batch_size, dtype, split)
     folder, result = step_output(store, "evaluate", key)
     if is_complete(folder):
         return result
     labels, answers = read_answers(prompts)
-    dev = read_prompts(prompts, "dev")
+    dev = read_prompts(prompts, split)
     tokenizer = load_tokenizer(model.path)
     network = load_causal_lm(model.path, dtype)
     started = time.perf_counter()
@@ -41,6 +41,8 @@ def evaluate_model(
     return result
 
 
-def evaluate_baseline(model: Ref, prompts: Ref, settings: EvalSettings, dtype: str, store: str) -> Ref:
+def evaluate_baseline(
+    model: Ref, prompts: Ref, settings: EvalSettings, dtype: str, store: str, split: str = "dev"
+) -> Ref:
     """The generative baseline: the base model zero-shot with the same prompt, scored the same way."""
-    return evaluate_model(model, prompts, "zero-shot", settings, dtype, store)
+    return evaluate_model(model, prompts, "zero-shot", settings, dtype, store, split)

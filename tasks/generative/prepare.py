@@ -15,7 +15,7 @@ import pandas as pd
 from prefect import task
 
 from loraflow.config import LabelKey, PromptSettings, normalize_label, render
-from loraflow.tasks.ingest import LABEL, read_meta, read_split
+from loraflow.tasks.ingest import LABEL, read_meta, read_split, split_names
 from loraflow.tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, step_output
 
 PROMPT = "prompt"  # list of {"role", "content"} messages: system (optional) + user
@@ -37,7 +37,7 @@ def answer_map(labels: list[str], answers: dict[LabelKey, str]) -> dict[str, str
 
 @task(name="format-prompts", cache_policy=CONTENT_CACHE)
 def prepare_inputs(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, str], store: str) -> Ref:
-    """Write train/dev parquet files with `prompt` and `completion` messages, plus answers.json."""
+    """Write train/dev(/test) parquet files with `prompt` and `completion` messages, plus answers.json."""
     key = digest_of("prompts", splits.digest, prompt, {str(k): v for k, v in answers.items()})
     folder, result = step_output(store, "prompts", key)
     if is_complete(folder):
@@ -45,7 +45,7 @@ def prepare_inputs(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, 
     labels = read_meta(splits)["labels"]
     verbal = answer_map(labels, answers)
     with building(folder) as tmp:
-        for split in ("train", "dev"):
+        for split in split_names(splits):
             frame = read_split(splits, split)
             rows = frame.to_dict("records")
             frame[PROMPT] = [build_messages(prompt, row) for row in rows]

@@ -8,10 +8,13 @@ folder named by the inputs' digest, so a retried task or a re-run flow resumes f
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 from datasets import Dataset
 from prefect import task
 from pydantic import Field
@@ -20,16 +23,19 @@ from trl import SFTConfig, SFTTrainer
 
 from loraflow.config import LoraSettings, TrainSettings
 from loraflow.errors import ConfigError
-from loraflow.tasks.generative.prepare import COMPLETION, PROMPT, read_prompts
-from loraflow.tasks.generative.scoring import encode_choices
+from loraflow.tasks.generative.prepare import COMPLETION, PROMPT, read_answers, read_prompts
+from loraflow.tasks.generative.scoring import encode_choices, score_labels
+from loraflow.tasks.ingest import LABEL
 from loraflow.tasks.launch import TrainJob, train_once
 from loraflow.tasks.lora import (
     build_lora_config,
+    dev_metrics,
     save_trained,
     tracking_setup,
     train_resuming,
     trainer_arguments,
     training_callbacks,
+    without_evaluation,
     work_settings,
 )
 from loraflow.tasks.models import load_causal_lm, load_tokenizer, peft_quietly, uses_bf16
@@ -42,11 +48,71 @@ from loraflow.tasks.store import (
 )
 
 
-def build_training_args(train: TrainSettings, output_dir: Path, bf16: bool) -> SFTConfig:
+def build_training_args(
+    train: TrainSettings, output_dir: Path, bf16: bool, eval_batch_size: int = 16
+) -> SFTConfig:
     """SFTConfig from the train settings: answer-only loss on prompt/completion rows."""
     return SFTConfig(
-        **trainer_arguments(train, output_dir, bf16), max_length=train.max_length, completion_only_loss=True
+        **trainer_arguments(train, output_dir, bf16, eval_batch_size),
+        max_length=train.max_length,
+        completion_only_loss=True,
     )
+
+
+@dataclass(frozen=True)
+class DevRows:
+    """The dev split as training scores it: each row's prompt messages, its gold label id, the answers."""
+
+    prompts: list[list[dict[str, str]]]
+    gold: list[int]
+    answers: list[str]
+
+    @classmethod
+    def read(cls, prompts: Ref) -> DevRows:
+        labels, answers = read_answers(prompts)
+        dev = read_prompts(prompts, "dev")
+        return cls(dev[PROMPT].tolist(), [labels.index(label) for label in dev[LABEL]], answers)
+
+    def dataset(self) -> Dataset:
+        """The rows as prompt/completion messages: the Trainer wants an eval set when it evaluates."""
+        completions = [[{"role": "assistant", "content": self.answers[g]}] for g in self.gold]
+        return Dataset.from_dict({PROMPT: self.prompts, COMPLETION: completions})
+
+
+class LabelScoringTrainer(SFTTrainer):
+    """SFTTrainer whose evaluation is the approach's own: each dev prompt's answers scored as in the final
+    evaluation (scoring.py), giving dev macro-F1 and accuracy rather than the LM loss. The Trainer's
+    machinery (TensorBoard/MLflow logging, best-checkpoint tracking, early stopping) takes it from there."""
+
+    def __init__(self, *args: Any, dev: DevRows | None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.dev = dev
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        started = time.perf_counter()
+        model, training = self.model, self.model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                scores = score_labels(
+                    model,
+                    self.processing_class,
+                    self.dev.prompts,
+                    self.dev.answers,
+                    self.args.eval_batch_size,
+                )
+        finally:
+            model.train(training)
+        gold = np.asarray(self.dev.gold)
+        loss = float(-scores[np.arange(len(gold)), gold].mean())  # -log p(gold answer), per row
+        figures = dev_metrics(gold, scores, loss) | {"loss": loss}
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in figures.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
 
 def fit_prompts(tokenizer: Any, frame: pd.DataFrame, max_length: int) -> tuple[pd.DataFrame, int]:
@@ -91,24 +157,37 @@ def _fit_prompt(
 
 
 def fit_adapter(
-    dataset: Dataset, model_path: str, lora: LoraSettings, train: TrainSettings, dtype: str, checkpoints: Path
+    dataset: Dataset,
+    model_path: str,
+    lora: LoraSettings,
+    train: TrainSettings,
+    dtype: str,
+    checkpoints: Path,
+    dev: DevRows | None = None,
+    eval_batch_size: int = 16,
 ) -> tuple[SFTTrainer, int]:
-    """Train LoRA on prompt/completion rows; resume from the last checkpoint in `checkpoints` if any.
+    """Train LoRA on prompt/completion rows, scoring `dev` as it goes (without it, nothing is scored or
+    selected); resume from the last checkpoint in `checkpoints` if any.
 
-    Returns the trainer (its model is the PEFT model) and the step it resumed from (0 for a fresh start).
+    Returns the trainer (its model is the PEFT model: the best checkpoint's with train.select_best) and the
+    step it resumed from (0 for a fresh start).
     """
+    if dev is None:
+        train = without_evaluation(train)
     tracking_setup(train)
     tokenizer = load_tokenizer(model_path)
     set_seed(train.seed)  # LoRA's initial weights come from the global RNG
     network = load_causal_lm(model_path, dtype)
     with peft_quietly():
-        trainer = SFTTrainer(
+        trainer = LabelScoringTrainer(
             model=network,
-            args=build_training_args(train, checkpoints, bf16=uses_bf16(dtype)),
+            args=build_training_args(train, checkpoints, uses_bf16(dtype), eval_batch_size),
             train_dataset=dataset,
+            eval_dataset=dev.dataset() if dev is not None and train.eval_steps != 0 else None,
             processing_class=tokenizer,
             peft_config=build_lora_config(lora),
-            callbacks=training_callbacks(),
+            callbacks=training_callbacks(train),
+            dev=dev,
         )
     return trainer, train_resuming(trainer, checkpoints)
 
@@ -127,7 +206,16 @@ def train_into(job: GenerativeTrainJob) -> None:
     )
     dataset = Dataset.from_pandas(frame[[PROMPT, COMPLETION]], preserve_index=False)
     started = time.perf_counter()
-    trainer, resumed_from = fit_adapter(dataset, job.model.path, job.lora, job.train, job.dtype, checkpoints)
+    trainer, resumed_from = fit_adapter(
+        dataset,
+        job.model.path,
+        job.lora,
+        job.train,
+        job.dtype,
+        checkpoints,
+        DevRows.read(job.prompts),
+        job.eval_batch_size,
+    )
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
         save_trained(job.folder, trainer, seconds, resumed_from, truncated, checkpoints)
@@ -148,13 +236,25 @@ def train_adapter(
     dtype: str,
     store: str,
     processes: int = 1,
+    eval_batch_size: int = 16,
 ) -> Ref:
-    """Train a LoRA adapter on the formatted train split; resume from the last checkpoint if one exists.
+    """Train a LoRA adapter on the formatted train split, scoring dev as it goes (the best checkpoint is
+    kept with train.select_best); resume from the last checkpoint if one exists.
 
     With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
     """
-    key = digest_of("train", prompts.digest, model.digest, lora, work_settings(train), dtype, processes)
+    key = digest_of(
+        "train", prompts.digest, model.digest, lora, work_settings(train), eval_batch_size, dtype, processes
+    )
     folder, result = step_output(store, "train", key)
-    job = GenerativeTrainJob(folder=folder, prompts=prompts, model=model, lora=lora, train=train, dtype=dtype)
+    job = GenerativeTrainJob(
+        folder=folder,
+        prompts=prompts,
+        model=model,
+        lora=lora,
+        train=train,
+        dtype=dtype,
+        eval_batch_size=eval_batch_size,
+    )
     train_once(f"{__name__}:train_into", job, processes)  # launch finds it by this path
     return result
