@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from loraflow.errors import UserError
 
 # Bump when a task's behaviour changes through code that TASK_SOURCE does not see (helpers, libraries).
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 MANIFEST = "MANIFEST.json"
 
 

@@ -283,6 +283,24 @@ def test_dev_label_unseen_in_train_fails_the_contract(
     assert "label='unrelated'" in message and "dev.tsv" in message
 
 
+def test_an_input_column_named_like_the_model_inputs_is_kept_apart(tmp_path: Path) -> None:
+    """A user's own `text`, `text_pair` or `label_id` column does not collide with the prepared inputs."""
+    from loraflow.config import DataSettings
+
+    frame = pd.DataFrame(
+        {"text": [f"row {i}" for i in range(12)], "label_id": ["x"] * 12, "label": ["a", "b"] * 6}
+    )
+    frame.to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    data = DataSettings(train=tmp_path / "train.tsv", text_columns=["text", "label_id"], label_column="label")
+    store = str(tmp_path / "store")
+    splits = ingest_table.fn(data, ["text", "label_id"], store)
+    encoded = prepare_inputs.fn(splits, ["text", "label_id"], ClassifierSettings(), store)
+    train = read_split(encoded, "train")
+    assert train["text"].str.startswith("row ").all() and (train["label_id"] == "x").all()
+    assert train[TEXT].equals(train["text"]) and train[TEXT_PAIR].eq("x").all()
+    assert sorted(train[LABEL_ID].unique()) == [0, 1]
+
+
 def test_classifier_flow_end_to_end(prefect_server: None, tmp_path: Path, tiny_model: Path, capsys) -> None:
     path = write_pair_config(tmp_path / "task", tiny_model, train={"max_length": 12})
     run = Path(train_classifier(load_config(path)))

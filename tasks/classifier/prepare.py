@@ -23,7 +23,8 @@ from loraflow.tasks.store import (
     step_output,
 )
 
-TEXT, TEXT_PAIR, LABEL_ID = "text", "text_pair", "label_id"
+# Reserved names (a leading underscore, like ingest's `_row`): a user's own `text` column cannot collide.
+TEXT, TEXT_PAIR, LABEL_ID = "_text", "_text_pair", "_label_id"
 
 
 LABEL_MAP = "labels.json"
