@@ -35,12 +35,22 @@ def input_text(frame: pd.DataFrame, columns: list[str], template: str | None) ->
     return ["\n\n".join(str(row[c]) for c in columns) for row in rows]
 
 
+# Balanced class weights: the reports' metric is macro-F1, and with scikit-learn's unweighted default a few
+# hundred rows of unequal classes leave the smaller class all but unpredicted (measured on the benchmark
+# sets, dev macro-F1 unweighted → balanced: Rotten Tomatoes 0.522 → 0.640, VADER 0.620 → 0.698, 20
+# Newsgroups 0.770 → 0.777). Choosing C by cross-validation on train added nothing over C = 1 (0.639,
+# 0.705, 0.770) at 20-30 times the time, so the baseline stays a fit of seconds.
+SETTINGS = {"ngram_range": (1, 2), "sublinear_tf": True, "C": 1.0, "class_weight": "balanced"}
+
+
 def fit_classical(texts: list[str], labels: list[str], seed: int = 0) -> Pipeline:
-    """TF-IDF over word 1-2-grams with sublinear tf, then L2 logistic regression (scikit-learn's defaults
-    otherwise: C = 1, lbfgs), fitted on `texts`."""
+    """TF-IDF over word 1-2-grams with sublinear tf, then L2 logistic regression with balanced class
+    weights (C = 1, lbfgs), fitted on `texts`."""
     model = make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-        LogisticRegression(max_iter=2000, random_state=seed),
+        TfidfVectorizer(ngram_range=SETTINGS["ngram_range"], sublinear_tf=SETTINGS["sublinear_tf"]),
+        LogisticRegression(
+            C=SETTINGS["C"], class_weight=SETTINGS["class_weight"], max_iter=2000, random_state=seed
+        ),
     )
     return model.fit(texts, labels)
 
@@ -74,7 +84,7 @@ def evaluate_classical(
 ) -> Ref:
     """Fit TF-IDF + logistic regression on the train split; score `split`; predictions.parquet and
     metrics.json as for any evaluation."""
-    key = digest_of("classical", splits.digest, columns, template, split)
+    key = digest_of("classical", SETTINGS, splits.digest, columns, template, split)
     folder, result = step_output(store, "evaluate", key)
     if is_complete(folder):
         return result

@@ -74,6 +74,9 @@ def test_plots_are_pngs_referenced_from_the_report_and_tensorboard_has_the_loss(
     run = two_runs["runs"][0]
     [events] = (run / "tensorboard").rglob("events.out.tfevents.*")
     assert len(_scalars(events, "train/loss")) == 6  # logging_steps 1, six steps
+    curve = json.loads((run / "metrics.json").read_text())["train"]["selection"]["curve"]
+    assert [p["step"] for p in curve] == [2, 4, 6]  # every 25% of 6 steps, which the Trainer rounds up to 2
+    assert _scalars(events, "eval/macro_f1") == pytest.approx([p["macro_f1"] for p in curve])
     report = (run / "report.md").read_text()
     for relative in PLOTS.values():
         png = run / relative

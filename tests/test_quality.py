@@ -81,7 +81,7 @@ def test_the_classical_baseline_is_fitted_on_train_only_and_matches_scikit_learn
 
     # The same rows through scikit-learn directly: the same probabilities.
     direct_vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    direct = LogisticRegression(max_iter=2000, random_state=0).fit(
+    direct = LogisticRegression(max_iter=2000, random_state=0, class_weight="balanced").fit(
         direct_vectorizer.fit_transform(train["review"]), train["label"]
     )
     expected = direct.predict_proba(direct_vectorizer.transform(dev["review"]))

@@ -22,7 +22,7 @@ from loraflow.tasks.generative.evaluate import evaluate_model
 from loraflow.tasks.generative.merge import merge_adapter
 from loraflow.tasks.generative.prepare import PROMPT, prepare_inputs, read_answers, read_prompts
 from loraflow.tasks.generative.scoring import answer_spans, encode_choices, score_labels
-from loraflow.tasks.generative.train import fit_adapter, fit_prompts, train_adapter
+from loraflow.tasks.generative.train import DevRows, fit_adapter, fit_prompts, train_adapter
 from loraflow.tasks.ingest import ingest_table
 from loraflow.tasks.metrics import read_evaluation
 from loraflow.tasks.models import load_causal_lm, load_tokenizer
@@ -165,8 +165,10 @@ def test_training_metrics_reach_mlflow_when_a_tracking_uri_is_set(
     prompts, model, _, _ = prepared
     frame = read_prompts(prompts, "train")
     dataset = Dataset.from_pandas(frame[[PROMPT, "completion"]], preserve_index=False)
-    settings = TRAIN.model_copy(update={"tracking_uri": uri, "logging_steps": 1})
-    trainer, _ = fit_adapter(dataset, model.path, LoraSettings(r=4), settings, "float32", tmp_path / "ckpt")
+    settings = TRAIN.model_copy(update={"tracking_uri": uri, "logging_steps": 1, "eval_steps": 2})
+    trainer, _ = fit_adapter(
+        dataset, model.path, LoraSettings(r=4), settings, "float32", tmp_path / "ckpt", DevRows.read(prompts)
+    )
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("loraflow").experiment_id])
     losses = client.get_metric_history(run.info.run_id, "loss")
@@ -174,6 +176,11 @@ def test_training_metrics_reach_mlflow_when_a_tracking_uri_is_set(
     logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert [m.value for m in losses] == pytest.approx(logged, rel=1e-5)
     assert run.data.params["learning_rate"] == str(TRAIN.lr) and run.info.status == "FINISHED"
+    f1 = client.get_metric_history(run.info.run_id, "eval_macro_f1")  # the dev curve, per evaluation
+    assert [m.step for m in f1] == [2, 4]
+    assert [m.value for m in f1] == pytest.approx(
+        [e["eval_macro_f1"] for e in trainer.state.log_history if "eval_macro_f1" in e]
+    )
     assert b"hf_FakeTokenForTheMlflowTest0123" not in (tmp_path / "mlflow.db").read_bytes()
 
 
