@@ -1,5 +1,6 @@
-"""The run folder's plots (PNG, referenced from report.md): training loss and learning rate, the fine-tuned
-model's confusion matrix as a heat map, and per-class F1 of the baseline next to the fine-tuned model.
+"""The run folder's plots (PNG, referenced from report.md): training loss and learning rate with dev macro-F1
+during training below, the fine-tuned model's confusion matrix as a heat map, and per-class F1 of the
+baselines next to the fine-tuned model.
 
 Drawn with matplotlib's object API on an Agg canvas: no pyplot global state, no display needed.
 """
@@ -49,7 +50,8 @@ def plot_training(
         axes.axhline(value, linestyle="--", linewidth=1, color=color, label=f"dev answer loss, {name}")
     if dev_losses:
         axes.legend(loc="upper right", fontsize="small")
-    axes.set_xlabel("optimizer step")
+    if lower is None:  # with the dev panel below, its axis names the steps of both
+        axes.set_xlabel("optimizer step")
     axes.set_ylabel("training loss", color="tab:blue")
     rates = [e.get("learning_rate") for e in logged]
     if all(r is not None for r in rates):
