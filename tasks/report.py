@@ -17,7 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from loraflow.config import LoraflowConfig
+from loraflow.config import CONFIGS, LoraflowConfig
 from loraflow.loading import dump_config
 from loraflow.tasks.card import base_model_origin, render_model_card
 from loraflow.tasks.ingest import read_meta, split_names
@@ -93,7 +93,7 @@ def verdict(metrics: dict[str, Any]) -> list[str]:
     said = []
     classical, finetuned = scored.get("classical"), scored.get("finetuned")
     if classical and finetuned and finetuned["macro_f1"] <= classical["macro_f1"]:
-        other = "classifier" if metrics["approach"] == "generative" else "generative"
+        other = next(name for name in CONFIGS if name != metrics["approach"])
         said.append(
             f"The fine-tuned model does not beat the classical baseline (TF-IDF + logistic regression) on "
             f"{where} macro-F1 ({finetuned['macro_f1']:.3f} vs {classical['macro_f1']:.3f}): try more "
