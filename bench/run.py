@@ -77,8 +77,8 @@ def ratio(baseline: list[float], ours: list[float]) -> float:
 def bench_ingest(folder: Path) -> dict[str, Any]:
     from openpyxl import Workbook
 
-    import loraflow.tasks.ingest
-    from loraflow.tasks.ingest import read_table
+    import loraflow.tasks.tables
+    from loraflow.tasks.tables import read_table
     from tests.tiny import geo_rows
 
     rows = pd.concat([geo_rows(100)] * 1000, ignore_index=True)
@@ -108,11 +108,11 @@ def bench_ingest(folder: Path) -> dict[str, Any]:
         )
         same = ours.drop(columns=["_row"]).astype(str).equals(base.astype(str))
         if name == "xlsx_100k":  # the fast reader must write the parquet the openpyxl reader writes
-            engine, loraflow.tasks.ingest.EXCEL_ENGINE = loraflow.tasks.ingest.EXCEL_ENGINE, "openpyxl"
+            engine, loraflow.tasks.tables.EXCEL_ENGINE = loraflow.tasks.tables.EXCEL_ENGINE, "openpyxl"
             try:
                 slow = read_table(path, sheet=0)
             finally:
-                loraflow.tasks.ingest.EXCEL_ENGINE = engine
+                loraflow.tasks.tables.EXCEL_ENGINE = engine
             ours.to_parquet(folder / "fast.parquet", index=False)
             slow.to_parquet(folder / "slow.parquet", index=False)
             identical = (folder / "fast.parquet").read_bytes() == (folder / "slow.parquet").read_bytes()
@@ -124,14 +124,14 @@ def bench_ingest(folder: Path) -> dict[str, Any]:
                 + ("read_excel(openpyxl)" if "xlsx" in name else "read_csv")
                 + ", to_parquet"
             },
-            "loraflow": summary(ours_s) | {"what": "loraflow.tasks.ingest.read_table, to_parquet"},
+            "loraflow": summary(ours_s) | {"what": "loraflow.tasks.tables.read_table, to_parquet"},
             "speedup": ratio(base_s, ours_s),
             "rows_per_s": len(base) / statistics.median(ours_s),
             "same_cells": bool(same),
         }
         if name == "xlsx_100k":
             out[name] |= {
-                "engine": loraflow.tasks.ingest.EXCEL_ENGINE,
+                "engine": loraflow.tasks.tables.EXCEL_ENGINE,
                 "parquet_identical_to_openpyxl": identical,
             }
         else:  # loraflow keeps every cell as written ("007", "1.0"); pandas' way to do that, for reference

@@ -90,6 +90,19 @@ class DataSettings(_Settings):
     encoding: str = Field(
         "utf-8", description="Text encoding of .csv/.tsv files (e.g. cp1252 for old Excel)."
     )
+    separator: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1,
+        description="Column separator of .csv/.tsv files; empty = ',' for .csv and a tab for .tsv (Excel "
+        "writes ';' in countries with a decimal comma).",
+    )
+    max_cells: int = Field(
+        10_000_000,
+        ge=1,
+        description="Most cells (rows × columns, as far as the farthest value) read from one file; a file "
+        "beyond it is refused before it is loaded (a stray value at XFD1048576 spans 17 billion cells).",
+    )
     text_columns: list[str] = Field(
         default_factory=list,
         description="Input columns; empty = the template's placeholders (generative approach).",
@@ -335,6 +348,13 @@ class ContractSettings(_Settings):
     min_rows_per_class: int = Field(5, ge=1, description="Each label needs at least this many train rows.")
     min_rows: int = Field(10, ge=1, description="Fewest rows accepted per split.")
     max_rows: int = Field(10_000_000, ge=1, description="Most rows accepted per split.")
+    max_dev_in_train: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Largest share of dev rows allowed to be exact copies of train rows (same inputs and "
+        "label); beyond it the dev score measures memory, not skill. 1 = accept any overlap.",
+    )
     extra_suite: Path | None = Field(
         None, description="Great Expectations suite JSON with extra expectations, e.g. data_contracts/x.json."
     )

@@ -49,8 +49,31 @@ ALIASES = {
 
 def did_you_mean(word: str, choices: list[str]) -> str:
     """`" (did you mean 'x'?)"` for the closest choice (or the usual Hugging Face alias), or ""."""
-    choices = [str(c) for c in choices]
+    choices = [str(c) for c in choices if len(str(c)) <= 200]  # difflib is quadratic in the length
+    if len(word) > 200:
+        return ""
     if ALIASES.get(word) in choices:
         return f" (did you mean '{ALIASES[word]}'?)"
     match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """`repr(value)` for a message, cut to `limit` characters with the full length said: a cell of
+    263 KB of NUL bytes must not become a 263 KB message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    cut = text[: limit - 1]
+    escape = cut.rfind("\\")
+    if escape >= len(cut) - 9:  # never half an escape such as \x00 or \U0001f600
+        cut = cut[:escape]
+    return f"{cut}…{size}"
+
+
+def shown_error(error: BaseException, limit: int = 200) -> str:
+    """An exception from a library, as one short line for a message."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    text = lines[0]
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"

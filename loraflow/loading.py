@@ -4,6 +4,7 @@ validation, with every problem reported at once (field path, did-you-mean) in on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             if "://" in str(node[keys[-1]]):  # an fsspec URL, not a local path
                 continue
             path = Path(node[keys[-1]]).expanduser()
-            node[keys[-1]] = str(path if path.is_absolute() else (base / path).resolve())
+            # abspath, not resolve: a symlink loop must reach the reader, which says what it is
+            node[keys[-1]] = str(path if path.is_absolute() else os.path.abspath(base / path))
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str):
         candidate = base / model["name"]

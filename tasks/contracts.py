@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import ContractSettings
-from loraflow.errors import DataError
+from loraflow.errors import DataError, shown
 from loraflow.tasks.ingest import LABEL, ROW, read_meta, read_split, split_names
 from loraflow.tasks.store import (
     CONTENT_CACHE,
@@ -31,6 +31,7 @@ from loraflow.tasks.store import (
     step_output,
     work_dir,
 )
+from loraflow.tasks.tables import BLANK_CHARS
 
 SAMPLES = 5  # offending rows shown per violation
 
@@ -64,7 +65,7 @@ def text_expectations(columns: list[str]) -> list[dict[str, Any]]:
         found.append(
             {
                 "type": "expect_column_values_to_not_match_regex",
-                "kwargs": {"column": column, "regex": r"^\s*$"},
+                "kwargs": {"column": column, "regex": f"^[{BLANK_CHARS}]*$"},
             }
         )
     return [{**e, "severity": "critical"} for e in found]
@@ -202,6 +203,23 @@ def _overlap(train: pd.DataFrame, dev: pd.DataFrame, columns: list[str]) -> dict
     }
 
 
+def _overlap_check(overlap: dict[str, Any], dev_rows: int, contract: ContractSettings) -> dict[str, Any]:
+    """Dev rows that are copies of train rows (the same file twice, or dev cut from train) measure
+    memory, not skill: critical beyond contract.max_dev_in_train."""
+    share = overlap["rows"] / dev_rows if dev_rows else 0.0
+    return {
+        "split": "dev",
+        "expectation": "dev_rows_not_in_train",
+        "column": None,
+        "success": share <= contract.max_dev_in_train,
+        "severity": "critical",
+        "unexpected_count": overlap["rows"],
+        "observed": f"{overlap['rows']} of {dev_rows} dev rows ({share:.0%}) are also train rows",
+        "samples": overlap["samples"],
+        "error": None,
+    }
+
+
 FIXES = {  # what to do about each kind of violation, shown after it
     "expect_column_to_exist": "check the column name in the config against the file's header",
     "expect_column_values_to_not_be_null": "fill the empty cells or delete those rows",
@@ -211,7 +229,19 @@ FIXES = {  # what to do about each kind of violation, shown after it
     "expect_table_row_count_to_be_between": "add rows, or change contract.min_rows / contract.max_rows",
     "rows_per_class_at_least": "add rows of those labels, or lower contract.min_rows_per_class",
     "at_least_two_classes": "train needs at least two labels to learn from; check data.label_column",
+    "dev_rows_not_in_train": "give data.dev a file of other rows (data.train and data.dev may name the same "
+    "file), leave data.dev empty to hold out part of train, or set contract.max_dev_in_train: 1 to accept",
 }
+
+
+def _capped(value: Any) -> str:
+    """An observed value for a message: at most 10 items, each cut (a label can be 263 KB of NULs)."""
+    if isinstance(value, list):
+        more = f", … {len(value) - 10} more" if len(value) > 10 else ""
+        return "[" + ", ".join(shown(v) for v in value[:10]) + more + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{shown(k)}: {shown(v)}" for k, v in list(value.items())[:10]) + "}"
+    return shown(value) if isinstance(value, str) else str(value)
 
 
 def describe_violation(check: dict[str, Any]) -> str:
@@ -224,11 +254,14 @@ def describe_violation(check: dict[str, Any]) -> str:
     parts = [where]
     if check["unexpected_count"]:
         parts.append(f"{check['unexpected_count']} offending row(s)")
-    if check["observed"] is not None and not check["samples"]:
-        parts.append(f"observed {check['observed']}")
+    observed = check["observed"]
+    if isinstance(observed, str) and check["expectation"] == "dev_rows_not_in_train":
+        parts.append(observed)
+    elif observed is not None and not check["samples"]:
+        parts.append(f"observed {_capped(observed)}")
     if check["samples"]:
         parts.append(
-            "e.g. " + "; ".join(", ".join(f"{k}={v!r}" for k, v in s.items()) for s in check["samples"])
+            "e.g. " + "; ".join(", ".join(f"{k}={shown(v)}" for k, v in s.items()) for s in check["samples"])
         )
     fix = FIXES.get(check["expectation"])
     return ": ".join(parts) + (f" → {fix}" if fix else "")
@@ -248,12 +281,14 @@ def check_contract(splits: Ref, columns: list[str], contract: ContractSettings, 
     extra = _extra_expectations(contract.extra_suite)
     checks = run_suites(frames, {split: generated + extra for split in frames})
     checks += _class_checks(frames["train"], labels, contract)
+    overlap = _overlap(frames["train"], frames["dev"], columns)
+    checks.append(_overlap_check(overlap, len(frames["dev"]), contract))
     report = {
         "success": all(c["success"] for c in checks if c["severity"] == "critical"),
         "labels": labels,
         "rows": {split: len(frame) for split, frame in frames.items()},
         "checks": checks,
-        "train_dev_overlap": _overlap(frames["train"], frames["dev"], columns),
+        "train_dev_overlap": overlap,
     }
     create_table_artifact(
         key="data-contract",

@@ -6,10 +6,7 @@ read twice. When no dev (or test) file is given, a seeded stratified split of tr
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +16,7 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import DataSettings, normalize_label
-from loraflow.errors import DataError, did_you_mean
-from loraflow.tasks.excel import sheet_layout, sniff_not_a_workbook
+from loraflow.errors import shown
 from loraflow.tasks.store import (
     CONTENT_CACHE,
     Ref,
@@ -32,11 +28,8 @@ from loraflow.tasks.store import (
     sha256_file,
     step_output,
 )
+from loraflow.tasks.tables import ROW, blank_cells, check_cells, read_table, require_file, selected_columns
 
-SUPPORTED = (".xlsx", ".xlsm", ".tsv", ".csv", ".parquet", ".jsonl")
-# python-calamine (Rust) reads .xlsx several times faster than openpyxl; the cells are the same.
-EXCEL_ENGINE = "calamine" if importlib.util.find_spec("python_calamine") else "openpyxl"
-ROW = "_row"  # the row number in the source file, kept so every message can point at it
 LABEL = "label"  # the normalised label, as text
 SPELLING = "_label_as_written"  # the label cell as read, before normalising (dropped before saving)
 
@@ -44,13 +37,10 @@ SPELLING = "_label_as_written"  # the label cell as read, before normalising (dr
 def source_digests(data: DataSettings) -> dict[str, str]:
     """sha256 of each data file (train, dev, test): what makes data "new" to caching and retraining."""
     digests = {}
-    for path in (data.train, data.dev, data.test):
+    for field, path in (("train", data.train), ("dev", data.dev), ("test", data.test)):
         if path is None:
             continue
-        if not Path(path).is_file():
-            raise DataError(
-                f"data file {path} not found; check data.train / data.dev / data.test in the config"
-            )
+        require_file(Path(path), f"check data.{field} in the config (relative to the config's folder)")
         digests[str(path)] = sha256_file(path)
     return digests
 
@@ -59,205 +49,34 @@ def _source_key(_context: Any, inputs: dict[str, Any]) -> str:
     return digest_of(source_digests(inputs["data"]))
 
 
-def _read_excel(path: Path, sheet: str | int, header_row: int) -> pd.DataFrame:
-    if not zipfile.is_zipfile(path):
-        raise DataError(
-            sniff_not_a_workbook(path)
-            or f"{path} is not a valid .xlsx workbook (not a zip archive); re-save it from Excel "
-            "as .xlsx, or give it the extension that matches its content (.csv, .tsv)"
-        )
-    try:
-        sheets = pd.ExcelFile(path, engine=EXCEL_ENGINE)
-    except Exception as e:  # the readers raise many types for broken workbooks
-        raise DataError(f"{path}: cannot open workbook ({e}); re-save it from Excel as .xlsx") from e
-    with sheets:
-        names = sheets.sheet_names
-        if isinstance(sheet, int) and not 0 <= sheet < len(names):
-            raise DataError(f"{path}: sheet index {sheet} out of range; sheets are {names}")
-        if isinstance(sheet, str) and sheet not in names:
-            raise DataError(
-                f"{path}: sheet '{sheet}' not found{did_you_mean(sheet, names)}; sheets are {names}"
-            )
-        frame = pd.read_excel(
-            sheets, sheet_name=sheet, header=header_row - 1, dtype=object
-        )  # cells as written
-        name = names[sheet] if isinstance(sheet, int) else sheet
-        if frame.columns.empty:
-            raise DataError(
-                f"{path}: sheet '{name}' is empty (no header row, no data); pick the sheet with data"
-            )
-    frame.attrs["header"] = _unmangled(list(frame.columns))
-    merged, unsaved = sheet_layout(path, sheet)
-    _fill_merged(frame, merged, header_row)
-    if unsaved:
-        shown = ", ".join(unsaved[:10]) + (f" and {len(unsaved) - 10} more" if len(unsaved) > 10 else "")
-        raise DataError(
-            f"{path}: sheet '{name}': cell(s) {shown} hold a formula with no saved value (the file was "
-            "written by a program that does not compute formulas); open and save it in Excel or "
-            "LibreOffice, or write the values instead of formulas"
-        )
-    return frame
-
-
-def _unmangled(columns: list[Any]) -> list[str]:
-    """The header as written, from pandas' names: 'Unnamed: 3' was an empty cell, 'x.1' a second 'x'."""
-    names = [str(c).strip() for c in columns]
-    header = []
-    for name in names:
-        repeat = re.fullmatch(r"(.+)\.(\d+)", name)
-        if re.fullmatch(r"Unnamed: \d+", name):
-            header.append("")
-        elif repeat and repeat.group(1) in names:
-            header.append(repeat.group(1))
-        else:
-            header.append(name)
-    return header
-
-
-def _header_names(raw: pd.DataFrame) -> list[str]:
-    if raw.empty:
-        return []
-    return ["" if pd.isna(v) else str(v).strip() for v in raw.iloc[0].tolist()]
-
-
-def _fill_merged(frame: pd.DataFrame, merged: list[tuple[int, int, int, int]], header_row: int) -> None:
-    """A merged range shows its top-left value in every cell: give every row that value."""
-    first_data_row = header_row + 1
-    for row1, col1, row2, col2 in merged:
-        top = row1 - first_data_row
-        if top < 0 or col1 >= frame.shape[1]:
-            continue  # a merged title above the header, or right of the table
-        value = frame.iat[top, col1]
-        for column in range(col1, min(col2, frame.shape[1] - 1) + 1):
-            frame.iloc[top : row2 - first_data_row + 1, column] = value
-
-
-def _read_text_table(path: Path, sep: str, header_row: int, encoding: str) -> pd.DataFrame:
-    options = {"sep": sep, "encoding": encoding, "dtype": str, "keep_default_na": False, "na_values": [""]}
-    try:
-        raw = pd.read_csv(path, header=None, skiprows=header_row - 1, nrows=1, **options)
-        try:  # pyarrow's multi-threaded parser: ~10x faster than the C parser on large files
-            frame = pd.read_csv(path, header=header_row - 1, engine="pyarrow", **options)
-        except Exception:  # it is strict and terse: the C parser below names the line or byte that is wrong
-            frame = pd.read_csv(path, header=header_row - 1, **options)
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path}: not valid {encoding} text at byte {e.start}; set data.encoding "
-            "(e.g. cp1252 or latin-1 for files saved by older Excel)"
-        ) from e
-    except pd.errors.ParserError as e:
-        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
-        if found is None:
-            raise DataError(f"{path}: cannot parse the table ({e}); check quoting and separators") from e
-        expected, line, saw = found.groups()
-        raise DataError(
-            f"{path}: line {line} has {saw} fields, expected {expected} like the header; quote cells that "
-            f"contain the separator ({sep!r}), or remove the extra cells"
-        ) from e
-    frame.attrs["header"] = _header_names(raw)
-    return frame
-
-
-def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
-    """One JSON object per line; a bad line is named by its number."""
-    records = []
-    try:
-        text = path.read_text(encoding=encoding)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid {encoding} text at byte {e.start}; set data.encoding") from e
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit in a string
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); each line "
-                'must be one JSON object such as {"text": "...", "label": "..."}'
-            ) from e
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object")
-        records.append(record)
-    return pd.DataFrame.from_records(records)
-
-
-def read_table(
-    path: Path, sheet: str | int = 0, header_row: int = 1, encoding: str = "utf-8"
-) -> pd.DataFrame:
-    """Any supported file as a DataFrame with stripped column names and the source row number in `_row`."""
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise DataError(f"{path} not found; check data.train / data.dev (relative to the config's folder)")
-    if suffix not in SUPPORTED:
-        raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty (0 bytes)")
-    if suffix in (".xlsx", ".xlsm"):
-        frame = _read_excel(path, sheet, header_row)
-    elif suffix in (".tsv", ".csv"):
-        frame = _read_text_table(path, "\t" if suffix == ".tsv" else ",", header_row, encoding)
-    elif suffix == ".parquet":
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
-            raise DataError(f"{path} is not a readable parquet file ({e}); write it again") from e
-    else:
-        frame = _read_jsonl(path, encoding)
-    header = frame.attrs.get("header")
-    frame.columns = [str(c).strip() for c in frame.columns]
-    frame.attrs["header"] = header or list(frame.columns)
-    # Spreadsheet rows are 1-based and the header takes one, so data row i sits on line header_row + 1 + i.
-    offset = header_row + 1 if suffix in (".xlsx", ".xlsm", ".tsv", ".csv") else 1
-    frame[ROW] = np.arange(len(frame)) + offset
-    return frame
-
-
-def selected_columns(frame: pd.DataFrame, path: Path, columns: list[str]) -> None:
-    """Raise a DataError naming every missing or ambiguous column, the nearest name and the fix."""
-    header = frame.attrs.get("header") or [c for c in frame.columns if c != ROW]
-    duplicated = [c for c in dict.fromkeys(columns) if header.count(c) > 1]
-    if duplicated:
-        where = "; ".join(
-            f"'{c}' in " + " and ".join(_column_name(i) for i, h in enumerate(header) if h == c)
-            for c in duplicated
-        )
-        raise DataError(f"{path}: duplicate column name {where}; rename or delete one of them")
-    available = [c for c in frame.columns if c != ROW]
-    missing = [c for c in columns if c not in available]
-    if missing:
-        details = "; ".join(f"'{c}'{did_you_mean(c, available)}" for c in missing)
-        hint = ""
-        unnamed = [_column_name(i) for i, h in enumerate(header) if not h]
-        if (
-            not header
-            or len(unnamed) >= max(2, len(header) - 1)
-            or all(c.startswith("Unnamed:") for c in available)
-        ):
-            hint = "; the header may not be on the first row: set data.header_row"
-        elif unnamed:
-            hint = f"; {', '.join(unnamed)} has no name: give it one in the header row"
-        raise DataError(f"{path}: column(s) {details} not found; columns are {available}{hint}")
-
-
-def _column_name(index: int) -> str:
-    letters, n = "", index + 1
-    while n:
-        n, rest = divmod(n - 1, 26)
-        letters = chr(ord("A") + rest) + letters
-    return f"column {index + 1} ({letters})"
-
-
 def _read_file(path: Path, data: DataSettings) -> pd.DataFrame:
-    return read_table(path, sheet=data.sheet, header_row=data.header_row, encoding=data.encoding)
+    return read_table(
+        path,
+        sheet=data.sheet,
+        header_row=data.header_row,
+        encoding=data.encoding,
+        separator=data.separator,
+        max_cells=data.max_cells,
+    )
 
 
 def _select(frame: pd.DataFrame, path: Path, columns: list[str], label_column: str) -> pd.DataFrame:
+    """The input columns as text and the label normalised, one row per example: rows with nothing in
+    any of these columns are dropped (counted in `attrs["blank_rows"]`, with the file's fully blank rows)."""
     selected_columns(frame, path, [*columns, label_column])
-    out = pd.DataFrame({ROW: frame[ROW]})
+    check_cells(frame, path, [*columns, label_column])
+    empty = np.ones(len(frame), dtype=bool)
+    for column in [*columns, label_column]:
+        empty &= blank_cells(frame[column]).to_numpy()
+    kept = frame[~empty]
+    label = kept[label_column].where(~blank_cells(kept[label_column]), None)
+    out = pd.DataFrame({ROW: kept[ROW]})
     for column in columns:
-        out[column] = frame[column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
-    out[LABEL] = frame[label_column].map(lambda v: None if pd.isna(v) else normalize_label(v)).astype(object)
-    out[SPELLING] = frame[label_column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
+        out[column] = kept[column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
+    out[LABEL] = label.map(lambda v: None if pd.isna(v) else normalize_label(v)).astype(object)
+    out[SPELLING] = label.map(lambda v: None if pd.isna(v) else str(v)).astype(object)
+    out = out.reset_index(drop=True)
+    out.attrs["blank_rows"] = frame.attrs.get("blank_rows", 0) + int(empty.sum())
     return out
 
 
@@ -313,16 +132,28 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
     folder, result = step_output(store, "ingest", key)
     if is_complete(folder):
         return result
-    train = _select(_read_file(data.train, data), data.train, columns, data.label_column)
+    blank: dict[str, int] = {}
+
+    def read(path: Path) -> pd.DataFrame:
+        frame = _select(_read_file(path, data), path, columns, data.label_column)
+        blank[str(path)] = frame.attrs["blank_rows"]
+        return frame
+
+    train = read(data.train)
     test = None
     if data.test is not None:
-        test = _select(_read_file(data.test, data), data.test, columns, data.label_column)
+        test = read(data.test)
     elif data.test_fraction > 0:  # held out first, so that the dev split never overlaps it
         train, test = split_stratified(train, data.test_fraction, data.split_seed + 1)
     if data.dev is not None:
-        dev = _select(_read_file(data.dev, data), data.dev, columns, data.label_column)
+        dev = read(data.dev)
     else:
         train, dev = split_stratified(train, data.dev_fraction, data.split_seed)
+    if any(blank.values()):
+        run_logger().info(
+            "skipped rows with nothing in the text and label columns: %s",
+            "; ".join(f"{path}: {n}" for path, n in blank.items() if n),
+        )
     frames = {"train": train, "dev": dev} | ({"test": test} if test is not None else {})
     labels = infer_labels(data, train[LABEL])
     spellings = label_spellings(*frames.values())
@@ -330,7 +161,7 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
         run_logger().warning(
             "%s: labels written several ways, read as one label each: %s",
             data.label_column,
-            "; ".join(f"{label} ← {', '.join(map(repr, written))}" for label, written in spellings.items()),
+            "; ".join(f"{label} ← {', '.join(map(shown, written))}" for label, written in spellings.items()),
         )
     held_out = f"{data.train} (held-out split)"
     files = {"train": str(data.train), "dev": str(data.dev or held_out), "test": str(data.test or held_out)}
@@ -344,6 +175,7 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
             "columns": columns,
             "rows": {split: len(frame) for split, frame in frames.items()},
             "label_spellings": spellings,
+            "blank_rows_skipped": blank,
         }
         (tmp / "ingest.json").write_text(json.dumps(meta, indent=1))
     return result

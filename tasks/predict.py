@@ -18,9 +18,9 @@ from prefect import task
 
 from loraflow.errors import DataError, ModelError
 from loraflow.tasks.contracts import describe_violation, run_suites, text_expectations
-from loraflow.tasks.ingest import ROW, read_table, selected_columns
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.store import Ref, building, digest_of, work_dir
+from loraflow.tasks.tables import ROW, check_cells, read_table, require_file, selected_columns
 
 PREDICTED = "predicted_label"
 OUTPUT_FORMATS = (".xlsx", ".csv", ".tsv", ".parquet")
@@ -57,10 +57,10 @@ def read_input(
 ) -> Ref:
     """The input table as parquet (every column kept, text cells as text), after checking its columns."""
     source = Path(path)
-    if not source.is_file():
-        raise DataError(f"input file {source} not found")
+    require_file(source, "check --input")
     frame = read_table(source, sheet=sheet, header_row=header_row, encoding=encoding)
     selected_columns(frame, source, columns)
+    check_cells(frame, source, columns)
     for column in frame.columns:  # spreadsheets mix numbers and text in one column: keep text
         if frame[column].dtype == object:
             frame[column] = frame[column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)

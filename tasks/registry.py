@@ -24,7 +24,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from loraflow.config import LoraflowConfig
-from loraflow.tasks.ingest import DataError, source_digests
+from loraflow.errors import DataError
+from loraflow.tasks.ingest import source_digests
 from loraflow.tasks.store import (
     MANIFEST,
     artifact_key,

@@ -90,7 +90,7 @@ def _frame_case(frame: pd.DataFrame, **sections: object) -> Callable[[Path], lis
 
 
 def _geo(changes: dict[tuple[int, str], object]) -> pd.DataFrame:
-    frame = geo_rows(20)
+    frame = geo_rows(20).astype(object)
     for (row, column), value in changes.items():
         frame.loc[row, column] = value
     return frame
@@ -183,6 +183,119 @@ def _missing_file(folder: Path) -> list[str]:
     return ["validate", str(write_config(folder, "nowhere.xlsx"))]
 
 
+SHEET = "xl/worksheets/sheet1.xml"
+
+
+def patched(path: Path, member: str, change: Callable[[str], str]) -> Path:
+    """Rewrite one member of a zip (an .xlsx part) in place, as another writer would have written it."""
+    with zipfile.ZipFile(path) as source:
+        members = {name: source.read(name) for name in source.namelist()}
+    members[member] = change(members[member].decode()).encode()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for name, data in members.items():
+            target.writestr(name, data)
+    return path
+
+
+def _geo_xlsx(folder: Path, member: str, change: Callable[[str], str]) -> Path:
+    return patched(xlsx(folder / "train.xlsx", geo_table()), member, change)
+
+
+def _sheet_xml(change: Callable[[str], str]) -> Callable[[Path], Path]:
+    return lambda folder: _geo_xlsx(folder, SHEET, change)
+
+
+def _inline(ref: str, text: str) -> str:
+    return f'<c r="{ref}" t="inlineStr"><is><t>{text}</t></is></c>'
+
+
+def _replace_cell(xml: str, ref: str, cell: str) -> str:
+    """Swap the cell `ref` of a sheet's XML for `cell` (openpyxl writes every cell as <c r=...>...</c>)."""
+    new, count = re.subn(rf'<c r="{ref}"[^>]*?(/>|>.*?</c>)', cell.replace("\\", r"\\"), xml, count=1)
+    assert count == 1, ref
+    return new
+
+
+def _with_rows_after(xml: str, rows: str) -> str:
+    return xml.replace("</sheetData>", rows + "</sheetData>")
+
+
+def _stray_cell(ref: str, row: int) -> Callable[[Path], Path]:
+    return _sheet_xml(lambda x: _with_rows_after(x, f'<row r="{row}">{_inline(ref, "x")}</row>'))
+
+
+def _non_scalar(suffix: str, column: str, value: object) -> Callable[[Path], Path]:
+    def build(folder: Path) -> Path:
+        frame = geo_rows(20).astype(object)
+        frame.at[1, column] = value
+        if suffix == ".parquet":
+            frame[column] = frame[column].map(lambda v: v if isinstance(v, list | dict) else [str(v)])
+            frame.at[0, column] = value
+            frame.to_parquet(folder / "train.parquet")
+        else:
+            (folder / "train.jsonl").write_text(
+                "\n".join(json.dumps(r) for r in frame.to_dict("records")) + "\n"
+            )
+        return folder / f"train{suffix}"
+
+    return build
+
+
+def _bytes_named(name: str, make: Callable[[Path], bytes]) -> Callable[[Path], Path]:
+    def build(folder: Path) -> Path:
+        (folder / name).write_bytes(make(folder))
+        return folder / name
+
+    return build
+
+
+def _gzip_csv(folder: Path) -> bytes:
+    import gzip
+
+    return gzip.compress(geo_rows(20).to_csv(index=False).encode())
+
+
+def _utf16(folder: Path) -> bytes:
+    return geo_rows(20).to_csv(sep="\t", index=False).encode("utf-16")
+
+
+def _html_table(folder: Path) -> bytes:
+    return ("<html><body>" + geo_rows(20).to_html(index=False) + "</body></html>").encode()
+
+
+def _semicolon(folder: Path) -> bytes:
+    frame = _geo({(2, "sample_data"): "Lima, Zurich"})  # commas inside cells, as European Excel writes
+    return frame.to_csv(sep=";", index=False).encode()
+
+
+def _symlink_loop(folder: Path) -> list[str]:
+    (folder / "train.tsv").symlink_to(folder / "train.tsv")
+    return ["validate", str(write_config(folder, "train.tsv"))]
+
+
+def _folder_as_file(folder: Path) -> list[str]:
+    (folder / "train.tsv").mkdir()
+    tsv(folder / "train.tsv" / "part-0.tsv", geo_rows(20))
+    return ["validate", str(write_config(folder, "train.tsv"))]
+
+
+def _same_file_twice(folder: Path) -> list[str]:
+    tsv(folder / "train.tsv", geo_rows(20))
+    return ["validate", str(write_config(folder, "train.tsv", "train.tsv"))]
+
+
+def _excel_errors(folder: Path) -> Path:
+    path = xlsx(folder / "train.xlsx", geo_table())
+    cell = '<c r="{}" t="e"><f>VLOOKUP(A1,Z:Z,2,0)</f><v>{}</v></c>'
+    return patched(
+        path,
+        SHEET,
+        lambda x: _replace_cell(
+            _replace_cell(x, "C5", cell.format("C5", "#N/A")), "B9", cell.format("B9", "#REF!")
+        ),
+    )
+
+
 ERRORS = [
     Case("missing-file", _missing_file, r"nowhere\.xlsx.*not found"),
     Case(
@@ -273,7 +386,7 @@ ERRORS = [
     Case(
         "dev-file-missing",
         _validate(lambda f: write_config(f, tsv(f / "train.tsv", geo_rows(20)).name, "dev.tsv")),
-        r"dev\.tsv not found; check data\.train / data\.dev",
+        r"dev\.tsv not found; check data\.dev in the config",
     ),
     Case(
         "sheet-index-out-of-range",
@@ -320,6 +433,122 @@ ERRORS = [
         ],
         r"acme/nope-1b.*hub.*unreachable.*local folder.*HF_TOKEN",
         command="run",
+    ),
+    Case(
+        "workbook-xml-ill-formed",
+        _with_train(
+            lambda f: _geo_xlsx(f, "xl/workbook.xml", lambda x: x.replace('name="Sheet1"', 'name="A&B"'))
+        ),
+        r"train\.xlsx: xl/workbook\.xml is not well-formed XML \(.*line 1.*\); the file is damaged: "
+        r"open it in Excel or LibreOffice and save it again",
+    ),
+    Case(
+        "sheet-xml-unescaped-ampersand",
+        _with_train(_sheet_xml(lambda x: _replace_cell(x, "B4", _inline("B4", "Lima & Cairo")))),
+        r"train\.xlsx: sheet 'Sheet1' cannot be read \(.*\); the file is damaged: open it in Excel",
+    ),
+    Case(
+        "sheet-xml-broken-attribute",
+        _with_train(_sheet_xml(lambda x: x.replace('<c r="A3" t="inlineStr">', '<c r="A3 t="inlineStr">'))),
+        r"train\.xlsx: sheet 'Sheet1' (cannot be read|is not well-formed XML) \(.*\); the file is damaged",
+    ),
+    Case(
+        "stray-cell-far-away",
+        _with_train(_stray_cell("XFD1048576", 1048576)),
+        r"sheet 'Sheet1' has values as far as row 1,048,576 and column XFD \(17,179,869,184 cells to read "
+        r"for 64 values, more than data\.max_cells = 10,000,000\); the farthest value is in XFD1048576: "
+        r"delete stray",
+    ),
+    Case(
+        "stray-cell-far-right",
+        _with_train(_stray_cell("ZZZ30", 30), data={"max_cells": 100_000}),
+        r"values as far as row 30 and column ZZZ \(.*\); the farthest value is in ZZZ30.*"
+        r"raise data\.max_cells",
+    ),
+    Case(
+        "text-table-over-max-cells",
+        _frame_case(geo_rows(20), data={"max_cells": 30}),
+        r"train\.tsv: about 66 cells \(3 columns\), more than data\.max_cells = 30",
+    ),
+    Case(
+        "list-label-in-parquet",
+        _with_train(_non_scalar(".parquet", "score", ["0", "1"])),
+        r"train\.parquet: column 'score' holds a list instead of one text or number at row\(s\) "
+        r"1, 2, 3, 4, 5 and 15 more \(e\.g\. \['0', '1'\]\); make each cell one value",
+    ),
+    Case(
+        "object-text-in-jsonl",
+        _with_train(_non_scalar(".jsonl", "sample_data", {"city": "Lima"})),
+        r"train\.jsonl: column 'sample_data' holds an object instead of one text or number at row\(s\) 2 "
+        r"\(e\.g\. \{'city': 'Lima'\}\)",
+    ),
+    Case(
+        "list-label-in-jsonl",
+        _with_train(_non_scalar(".jsonl", "score", [1, 0])),
+        r"train\.jsonl: column 'score' holds a list .* at row\(s\) 2 ",
+    ),
+    Case(
+        "excel-error-values",
+        _with_train(_excel_errors),
+        r"train\.xlsx: sheet 'Sheet1': cell\(s\) B9 \(#REF!\), C5 \(#N/A\) in column\(s\) "
+        r"'sample_data', 'score' hold Excel errors, not values",
+    ),
+    Case(
+        "gzip-named-csv",
+        _with_train(_bytes_named("train.csv", _gzip_csv)),
+        r"train\.csv is gzip-compressed, not a plain \.csv file; decompress it first",
+    ),
+    Case(
+        "xlsx-named-csv",
+        _with_train(_bytes_named("train.csv", lambda f: xlsx(f / "real.xlsx", geo_table()).read_bytes())),
+        r"train\.csv is an Excel workbook \(\.xlsx\) with a \.csv name; rename it to train\.xlsx",
+    ),
+    Case(
+        "utf16-tsv",
+        _with_train(_bytes_named("train.tsv", _utf16)),
+        r"train\.tsv is UTF-16 text .*; set data\.encoding: utf-16",
+    ),
+    Case(
+        "utf16-named-xlsx",
+        _with_train(_bytes_named("train.xlsx", _utf16)),
+        r"train\.xlsx is UTF-16 text with an \.xlsx name .*rename it to train\.tsv and set "
+        r"data\.encoding: utf-16",
+    ),
+    Case(
+        "html-named-xlsx",
+        _with_train(_bytes_named("train.xlsx", _html_table)),
+        r"train\.xlsx is an HTML page .*save it as \.xlsx",
+    ),
+    Case(
+        "semicolon-csv",
+        _with_train(_bytes_named("train.csv", _semicolon)),
+        r"train\.csv: the columns are separated by ';', not ','.*set data\.separator: \";\"",
+    ),
+    Case(
+        "semicolon-csv-one-column",
+        _with_train(_bytes_named("train.csv", lambda f: geo_rows(20).to_csv(sep=";", index=False).encode())),
+        r"train\.csv: the columns are separated by ';', not ','",
+    ),
+    Case(
+        "nul-bytes-echoed-short",
+        _frame_case(_geo({(4, "score"): "7" + "\x00" * 263_000}), data={"labels": [0, 1]}),
+        r"be_in_set on column 'label'.*label='7\\x00\\x00[\\x0]*… \(263,001 characters\) → fix",
+    ),
+    Case("symlink-loop", _symlink_loop, r"train\.tsv is a symbolic link that loops"),
+    Case(
+        "folder-as-data-file", _folder_as_file, r"train\.tsv is a folder, not a file \(it holds part-0\.tsv\)"
+    ),
+    Case(
+        "zero-width-text-cells",
+        _frame_case(_geo({(5, "requirement"): "\u200b\u2060\ufeff", (8, "sample_data"): "\u200b \u200d"})),
+        r"(?=.*not_match_regex on column 'requirement'[^\n]*row=7)"
+        r"(?=.*not_match_regex on column 'sample_data'[^\n]*row=10)",
+    ),
+    Case(
+        "train-and-dev-the-same-file",
+        _same_file_twice,
+        r"dev: dev_rows_not_in_train: 20 offending row\(s\): 20 of 20 dev rows \(100%\) are also train rows.*"
+        r"set contract\.max_dev_in_train: 1 to accept",
     ),
 ]
 
@@ -378,6 +607,130 @@ def test_utf8_bom_windows_line_endings_and_quoted_tabs_and_newlines(
     got = _ingested(tmp_path).sort_values("_row")
     assert got.columns[1] == "requirement"  # no BOM glued to the first header
     assert 'Lima\t"Zurich"\nCairo' in got["sample_data"].tolist()
+
+
+def _prefixed(xml: str) -> str:
+    """The OpenXML SDK's spelling: every element in an `x:` namespace prefix."""
+    xml = re.sub(r"<(/?)(?!\?)(\w+)", r"<\1x:\2", xml)
+    return xml.replace('xmlns="', 'xmlns:x="', 1)
+
+
+def _reordered_sheet_attributes(xml: str) -> str:
+    return re.sub(
+        r'<sheet name="([^"]*)" sheetId="(\d+)"[^>]*?r:id="([^"]*)"\s*/>',
+        r'<sheet r:id="\3" sheetId="\2" name="\1"/>',
+        xml,
+    )
+
+
+def _merges(*refs: str) -> Callable[[str], str]:
+    cells = "".join(f'<mergeCell ref="{ref}"/>' for ref in refs)
+    return lambda x: x.replace(
+        "</sheetData>", f'</sheetData><mergeCells count="{len(refs)}">{cells}</mergeCells>'
+    )
+
+
+def _formatted_blank_area(xml: str) -> str:
+    """20,000 rows × 10 columns of formatted blank cells below the table, then a formula with its value."""
+    blank = "".join(
+        f'<row r="{r}">' + "".join(f'<c r="{c}{r}" s="0"/>' for c in "DEFGHIJKLM") + "</row>"
+        for r in range(22, 20_022)
+    )
+    return _with_rows_after(xml, blank + '<row r="20022"><c r="D20022"><f>1+1</f><v>2</v></c></row>')
+
+
+def _mostly_empty_rows(xml: str) -> str:
+    """200,000 rows below the table that hold an empty text in column E: a reader sees 200,000 rows."""
+    return _with_rows_after(
+        xml, "".join(f'<row r="{r}">{_inline(f"E{r}", "")}</row>' for r in range(30, 200_030))
+    )
+
+
+def _blank_rows_between(folder: Path) -> Path:
+    lines = geo_rows(20).to_csv(sep="\t", index=False).splitlines()
+    (folder / "train.tsv").write_text("\n".join([*lines[:6], "\t\t", "", " \t\u200b\t", *lines[6:]]) + "\n")
+    return folder / "train.tsv"
+
+
+@dataclass
+class Works:
+    id: str
+    build: Callable[[Path], list[str]]
+    check: Callable[[pd.DataFrame, dict], bool]
+
+
+def _all_rows(frame: pd.DataFrame, meta: dict) -> bool:
+    return len(frame) == 20 and set(frame["_row"]) == set(range(2, 22))
+
+
+WORKS = [
+    Works(
+        "workbook-xml-with-x-prefix",
+        _with_train(lambda f: patched(_geo_xlsx(f, "xl/workbook.xml", _prefixed), SHEET, _prefixed)),
+        _all_rows,
+    ),
+    Works(
+        "sheet-attributes-in-another-order",
+        _with_train(lambda f: _geo_xlsx(f, "xl/workbook.xml", _reordered_sheet_attributes)),
+        _all_rows,
+    ),
+    Works(
+        "merged-cells-below-and-across-the-end",
+        _with_train(_sheet_xml(_merges("A19:A25", "B40:C45", "A30:A1048576"))),
+        lambda frame, meta: (
+            _all_rows(frame, meta) and frame.set_index("_row").loc[19:21, "requirement"].nunique() == 1
+        ),
+    ),
+    Works("formatted-blank-area-with-formulas", _with_train(_sheet_xml(_formatted_blank_area)), _all_rows),
+    Works(
+        "200k-mostly-empty-rows",
+        _with_train(_sheet_xml(_mostly_empty_rows)),
+        lambda frame, meta: _all_rows(frame, meta) and list(meta["blank_rows_skipped"].values()) == [200_008],
+    ),
+    Works(
+        "blank-rows-between-data-rows",
+        _with_train(_blank_rows_between),
+        lambda frame, meta: (
+            len(frame) == 20
+            and set(frame["_row"]) == {*range(2, 7), *range(10, 25)}
+            and list(meta["blank_rows_skipped"].values()) == [3]
+        ),
+    ),
+    Works(
+        "utf16-with-its-encoding",
+        _with_train(_bytes_named("train.tsv", _utf16), data={"encoding": "utf-16"}),
+        _all_rows,
+    ),
+    Works(
+        "semicolons-with-data-separator",
+        _with_train(_bytes_named("train.csv", _semicolon), data={"separator": ";"}),
+        lambda frame, meta: _all_rows(frame, meta) and "Lima, Zurich" in set(frame["sample_data"]),
+    ),
+    Works(
+        "the-same-file-twice-when-accepted",
+        lambda f: [
+            *_same_file_twice(f)[:1],
+            str(
+                write_config(
+                    f,
+                    "train.tsv",
+                    "train.tsv",
+                    contract={"min_rows_per_class": 2, "min_rows": 2, "max_dev_in_train": 1},
+                )
+            ),
+        ],
+        lambda frame, meta: len(frame) == 40,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", WORKS, ids=[c.id for c in WORKS])
+def test_a_legal_but_unusual_file_is_read(case: Works, prefect_server: None, tmp_path: Path) -> None:
+    _ok(case.build(tmp_path))
+    [folder] = (tmp_path / "runs" / "bad" / "work").glob("ingest-*")
+    meta = json.loads((folder / "ingest.json").read_text())
+    frame = _ingested(tmp_path)
+    assert case.check(frame, meta), (frame.sort_values("_row").to_string(), meta)
 
 
 def test_mixed_label_spellings_are_one_label_and_reported(prefect_server: None, tmp_path: Path) -> None:

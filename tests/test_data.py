@@ -143,12 +143,14 @@ def test_contract_passes_applies_extra_suite_and_reports_overlap(
     result = check_contract.fn(
         ref,
         COLUMNS,
-        ContractSettings(min_rows_per_class=2, min_rows=5, extra_suite=suite),
+        ContractSettings(min_rows_per_class=2, min_rows=5, max_dev_in_train=1, extra_suite=suite),
         str(tmp_path / "store"),
     )
     report = json.loads((Path(result.path) / "contract.json").read_text())
     assert report["success"] is True
     assert report["train_dev_overlap"]["rows"] == 6
+    [overlap] = [c for c in report["checks"] if c["expectation"] == "dev_rows_not_in_train"]
+    assert overlap["success"] and overlap["observed"] == "6 of 6 dev rows (100%) are also train rows"
     warning = [c for c in report["checks"] if c["severity"] == "warning"]
     assert warning and not warning[0]["success"]
 
