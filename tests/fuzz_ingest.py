@@ -564,7 +564,8 @@ def fuzz(
     order on every run (as many as the time allows). explore=True (make fuzz): rounds of `round_examples`
     seeded inputs, every second round steered toward slow and memory-hungry ones (hypothesis.target: it
     finds hangs that grow with the input, at the price of re-running slow inputs); a finding new to the run
-    is raised into hypothesis, which shrinks it (for up to `shrink_seconds` a round), and only counted after.
+    is raised into hypothesis, which shrinks it (up to `shrink_seconds`, or a quarter of the run, a round),
+    and only counted after that round.
     Hangs are recorded but not shrunk: each try would take the full timeout."""
     report = report if report is not None else Report()
     deadline = time.monotonic() + seconds
@@ -572,9 +573,8 @@ def fuzz(
     while time.monotonic() < deadline:
         raised: set[str] = set()
         steer = explore and rounds % 2 == 1
-        check = _property(
-            fuzzer, report, raised, explore, steer, deadline, shrink_seconds, deadline + grace_s
-        )
+        shrinking = min(shrink_seconds, seconds / 4)  # a short run must not spend itself on one round
+        check = _property(fuzzer, report, raised, explore, steer, deadline, shrinking, deadline + grace_s)
         run = given(fuzz_inputs())(check)
         run = settings(
             max_examples=round_examples if explore else 1_000_000,
@@ -625,8 +625,8 @@ def _property(
         report.add(item, outcome)
         if not explore:
             return
-        if steer:  # capped: climbing on past 5 s would re-run ever slower inputs, up to 30 s each
-            target(min(outcome.seconds, 5.0), label="seconds")
+        if steer and not outcome.finding:  # a hang is found already: climb among inputs that finish, and
+            target(min(outcome.seconds, 5.0), label="seconds")  # not past 5 s, where each try costs more
             target(outcome.peak / 2**20, label="peak MiB")
         known = outcome.signature in report.findings and report.findings[outcome.signature].shrunk
         if outcome.finding and outcome.kind != TIMEOUT and not known:
