@@ -7,6 +7,7 @@ Loading a YAML file, `--set` overrides and path resolution live beside it in lor
 
 from __future__ import annotations
 
+import codecs
 import re
 import string
 from pathlib import Path
@@ -134,6 +135,17 @@ class DataSettings(_Settings):
         "stratified, taken before the dev split); 0 = no test split.",
     )
     split_seed: int = Field(0, description="Seed of the train/dev/test splits.")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(
+                f"unknown text encoding {encoding!r}; e.g. utf-8, cp1252, latin-1, utf-16"
+            ) from None
+        return encoding
 
     @field_validator("labels")
     @classmethod

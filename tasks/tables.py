@@ -8,6 +8,7 @@ source file (`_row`) for every later message; rows with nothing in them are drop
 
 from __future__ import annotations
 
+import codecs
 import csv
 import errno
 import importlib.util
@@ -183,12 +184,18 @@ def _separator_in_use(path: Path, encoding: str, header_row: int, sep: str) -> s
     lines = _first_lines(path, encoding, header_row)
 
     def fields(separator: str) -> set[int]:
-        rows = csv.reader(io.StringIO("".join(lines)), delimiter=separator)
-        return {len(row) for row in rows if row}
+        try:
+            return {len(row) for row in csv.reader(io.StringIO("".join(lines)), delimiter=separator) if row}
+        except csv.Error:  # a stray carriage return or NUL: this separator tells nothing
+            return set()
 
-    if len(fields(sep)) == 1 and min(fields(sep), default=0) >= 2:
+    def fits(separator: str) -> bool:
+        counts = fields(separator)
+        return len(counts) == 1 and min(counts) >= 2
+
+    if fits(sep):
         return None
-    fitting = [c for c in SEPARATORS if c != sep and len(fields(c)) == 1 and min(fields(c)) >= 2]
+    fitting = [c for c in SEPARATORS if c != sep and fits(c)]
     return fitting[0] if fitting else None
 
 
@@ -199,20 +206,27 @@ def _separator_error(path: Path, found: str, sep: str) -> DataError:
     )
 
 
-def _decode_error(path: Path, encoding: str) -> DataError:
-    """Where the file stops being `encoding`: the byte offset in the file and its line."""
+def _decode_error(path: Path, encoding: str, error: UnicodeError) -> DataError:
+    """Where the file stops being `encoding`: the byte offset in the file and its line (the reader's
+    own offset counts from the start of a cell or a block)."""
     raw = path.read_bytes()
-    try:
-        raw.decode(encoding)
-        start = 0
-    except UnicodeDecodeError as e:
-        start = e.start
-    line = raw.count(b"\n", 0, start) + 1
-    return DataError(
-        f"{path}: not valid {encoding} text at byte {start} (line {line}: {raw[start : start + 4]!r}…); "
+    fix = (
         "set data.encoding (e.g. cp1252 or latin-1 for files saved by older Excel, utf-16 for Excel's "
         "'Unicode Text')"
     )
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return DataError(
+            f"{path}: not valid {encoding} text at byte {e.start} (line {line}: "
+            f"{raw[e.start : e.start + 4]!r}…); {fix}"
+        )
+    except UnicodeError:
+        pass
+    if "BOM" in str(error):
+        fix = "set data.encoding: utf-16-le (or utf-16-be): the file has no byte-order mark"
+    return DataError(f"{path}: not valid {encoding} text ({shown_error(error)}); {fix}")
 
 
 def _count_lines(path: Path) -> int:
@@ -253,8 +267,8 @@ def _read_text_table(
             frame = pd.read_csv(path, header=header_row - 1, engine="pyarrow", **options)
         except Exception:  # it is strict and terse: the C parser below names the line or byte that is wrong
             frame = pd.read_csv(path, header=header_row - 1, **options)
-    except UnicodeDecodeError as e:
-        raise _decode_error(path, encoding) from e
+    except UnicodeError as e:
+        raise _decode_error(path, encoding, e) from e
     except pd.errors.EmptyDataError as e:
         raise DataError(f"{path}: no rows at or below data.header_row = {header_row}") from e
     except pd.errors.ParserError as e:
@@ -280,8 +294,8 @@ def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
     records = []
     try:
         text = path.read_text(encoding=encoding)
-    except UnicodeDecodeError as e:
-        raise _decode_error(path, encoding) from e
+    except UnicodeError as e:
+        raise _decode_error(path, encoding, e) from e
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit in a string
         if not line.strip():
             continue
@@ -346,6 +360,10 @@ def read_table(
     require_file(path, "check data.train / data.dev / data.test (relative to the config's folder)")
     if suffix not in SUPPORTED:
         raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError as e:
+        raise DataError(f"unknown text encoding {encoding!r}; e.g. utf-8, cp1252, latin-1, utf-16") from e
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty (0 bytes)")
     if suffix in (".xlsx", ".xlsm"):
