@@ -23,7 +23,7 @@ from xml.parsers import expat
 from loraflow.errors import DataError
 from loraflow.tasks.sniff import mismatch, sniff, text_table_kind
 
-_CELL = re.compile(r"\$?([A-Za-z]{1,3})\$?(\d+)")
+_CELL = re.compile(r"\$?([A-Za-z]+)\$?(\d+)")
 REPAIR = "open it in Excel or LibreOffice and save it again as .xlsx"
 
 
@@ -182,7 +182,7 @@ class _Scanner:
 _P = rb"(?:\w+:)?"  # any namespace prefix
 _FORMULA = rb"<" + _P + rb"f\b[^>]*(?:/>|>[^<]*</" + _P + rb"f>)\s*"
 _CONTENT = re.compile(
-    rb"<" + _P + rb"""c\b(?:[^>]*?\sr\s*=\s*["']\$?([A-Za-z]{1,3})\$?(\d+)["'])?[^>]*(?<!/)>"""
+    rb"<" + _P + rb"""c\b(?:[^>]*?\sr\s*=\s*["']\$?([A-Za-z]+)\$?(\d+)["'])?[^>]*(?<!/)>"""
     rb"(?=\s*(?:" + _FORMULA + rb")?<" + _P + rb"(?:v|is)\b)"
 )
 _FORMULA_CELL = re.compile(
@@ -199,7 +199,7 @@ _ERROR_CELL = re.compile(
     + _P
     + rb"v>"
 )
-_REF = re.compile(rb"""(?:^|\s)r\s*=\s*["']\$?([A-Za-z]{1,3})\$?(\d+)["']""")
+_REF = re.compile(rb"""(?:^|\s)r\s*=\s*["']\$?([A-Za-z]+)\$?(\d+)["']""")
 _TYPE = re.compile(rb"""(?:^|\s)t\s*=\s*["']([^"']*)["']""")
 _MERGE = re.compile(rb"<" + _P + rb"""mergeCell\b[^>]*?\sref\s*=\s*["']([^"']*)["']""")
 MAX_SHEET_XML = 2 << 30  # bytes of one sheet's XML, uncompressed
@@ -225,8 +225,8 @@ def _quick_bound(xml: bytes, p: bytes, max_cells: int) -> int | None:
     start = re.escape(b"<" + p + b'c r="')
     digits = next((d for d in range(7, 0, -1) if re.search(start + rb"[A-Za-z]+\d{%d}\"" % d, xml)), 0)
     rows = 10**digits - 1  # no reference has more digits
-    widths = {3: 16384, 2: 702, 1: 26}
-    width = next((w for w in (3, 2) if re.search(start + rb"[A-Za-z]{%d}\d" % w, xml)), 1)
+    widths = {4: 1 << 40, 3: 16384, 2: 702, 1: 26}  # four letters or more: beyond Excel's XFD
+    width = next((w for w in (4, 3, 2) if re.search(start + rb"[A-Za-z]{%d}" % w, xml)), 1)
     if rows * widths[width] <= max_cells:
         return rows * widths[width]
     columns = column_index(max(set(re.findall(start + rb"([A-Za-z]+)", xml)), key=_column_key).decode()) + 1

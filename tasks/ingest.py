@@ -65,11 +65,10 @@ def _select(frame: pd.DataFrame, path: Path, columns: list[str], label_column: s
     any of these columns are dropped (counted in `attrs["blank_rows"]`, with the file's fully blank rows)."""
     selected_columns(frame, path, [*columns, label_column])
     check_cells(frame, path, [*columns, label_column])
-    empty = np.ones(len(frame), dtype=bool)
-    for column in [*columns, label_column]:
-        empty &= blank_cells(frame[column]).to_numpy()
+    blank = blank_cells(frame[[*columns, label_column]])
+    empty = blank.all(axis=1)
     kept = frame[~empty]
-    label = kept[label_column].where(~blank_cells(kept[label_column]), None)
+    label = kept[label_column].where(~blank[~empty, -1], None)
     out = pd.DataFrame({ROW: kept[ROW]})
     for column in columns:
         out[column] = kept[column].map(lambda v: None if pd.isna(v) else str(v)).astype(object)

@@ -126,12 +126,13 @@ def _read_excel(path: Path, sheet: str | int, header_row: int, max_cells: int) -
 def _unmangled(columns: list[Any]) -> list[str]:
     """The header as written, from pandas' names: 'Unnamed: 3' was an empty cell, 'x.1' a second 'x'."""
     names = [str(c).strip() for c in columns]
+    known = set(names)
     header = []
     for name in names:
         repeat = re.fullmatch(r"(.+)\.(\d+)", name)
         if re.fullmatch(r"Unnamed: \d+", name):
             header.append("")
-        elif repeat and repeat.group(1) in names:
+        elif repeat and repeat.group(1) in known:
             header.append(repeat.group(1))
         else:
             header.append(name)
@@ -336,14 +337,19 @@ def _read_parquet(path: Path, max_cells: int) -> pd.DataFrame:
         raise DataError(f"{path} is not a readable parquet file ({shown_error(e)}); write it again") from e
 
 
-def blank_cells(values: pd.Series) -> pd.Series:
-    """True where a cell is empty: null, or only whitespace, zero-width characters and NUL bytes."""
-    if values.dtype == object or pd.api.types.is_string_dtype(values):
-        try:
-            return values.isna() | values.str.fullmatch(BLANK.pattern).fillna(False).astype(bool)
-        except AttributeError:  # no text in the column (pandas' .str wants some)
-            pass
-    return values.isna()
+def blank_cells(frame: pd.DataFrame) -> np.ndarray:
+    """True where a cell is empty: null, or text of only whitespace, zero-width characters and NUL
+    bytes. One pass over the cells that hold something, whatever the number of columns."""
+    values = frame.to_numpy(dtype=object)
+    blank = pd.isna(values)
+    present = values[~blank]
+    text = np.fromiter(
+        (isinstance(v, str) and BLANK.fullmatch(v) is not None for v in present),
+        dtype=bool,
+        count=len(present),
+    )
+    blank[~blank] = text
+    return blank
 
 
 def read_table(
@@ -385,9 +391,7 @@ def read_table(
     # Spreadsheet rows are 1-based and the header takes one, so data row i sits on line header_row + 1 + i.
     offset = header_row + 1 if suffix in (".xlsx", ".xlsm", ".tsv", ".csv") else 1
     frame[ROW] = np.arange(len(frame)) + offset
-    empty = np.ones(len(frame), dtype=bool)
-    for column in names:
-        empty &= blank_cells(frame[column]).to_numpy()
+    empty = blank_cells(frame[names]).all(axis=1) if names else np.zeros(len(frame), dtype=bool)
     if empty.any():
         frame = frame[~empty].reset_index(drop=True)
     frame.attrs = attrs | {"blank_rows": int(empty.sum())}

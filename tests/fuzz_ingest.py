@@ -671,7 +671,7 @@ def save_findings(report: Report, folder: Path) -> dict[str, Path]:
     return saved
 
 
-def _saved_input(place: Path) -> FuzzInput:
+def saved_input(place: Path) -> FuzzInput:
     record = json.loads((place / "finding.json").read_text())
     seed = Seed(record["seed"], record["family"], record["seed_suffix"], b"")
     data = (place / record["input"]).read_bytes()
@@ -683,7 +683,7 @@ def replay(places: list[Path], workdir: Path) -> int:
     still = 0
     with Fuzzer(workdir, recycle_after=1) as fuzzer:
         for place in places:
-            outcome = fuzzer.run(_saved_input(place))
+            outcome = fuzzer.run(saved_input(place))
             still += outcome.finding
             print(
                 f"{place}: {outcome.headline}\n{outcome.detail}"

@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz_ingest import CRASH, MEMORY, TABLE, TIMEOUT, USER_ERROR, Fuzzer, fuzz, save_findings
+from tests.fuzz_ingest import (
+    CRASH,
+    MEMORY,
+    TABLE,
+    TIMEOUT,
+    USER_ERROR,
+    Fuzzer,
+    fuzz,
+    save_findings,
+    saved_input,
+)
 from tests.fuzz_inputs import ROWS, FuzzInput, make_seeds
 
 pytestmark = pytest.mark.unit
@@ -50,6 +60,19 @@ def test_a_hang_an_abort_and_a_memory_blowup_are_findings(fuzzer: Fuzzer) -> Non
     assert memory.kind == MEMORY and memory.peak > baseline + (256 << 20), memory.headline
     after = fuzzer.run(_unmutated("geo.xlsx"))  # a fresh worker replaced each killed one
     assert (after.kind, after.rows) == (TABLE, ROWS), after.headline
+
+
+# What the fuzzer found, kept as regular cases: each crashed, hung or raised a traceback on the commit
+# named in its finding.json ("found_on"); each must now read as a table or end in a user error.
+FOUND = sorted(p.parent for p in (Path(__file__).parent / "fuzz_findings").glob("*/finding.json"))
+
+
+@pytest.mark.parametrize("place", FOUND, ids=[p.name for p in FOUND])
+def test_an_earlier_fuzz_finding_reads_as_a_table_or_a_user_error(fuzzer: Fuzzer, place: Path) -> None:
+    outcome = fuzzer.run(saved_input(place))
+    assert outcome.kind in (TABLE, USER_ERROR) and not outcome.finding, (
+        f"{outcome.headline}\n{outcome.detail}"
+    )
 
 
 def test_fuzzed_tables_read_as_a_table_or_a_user_error(fuzzer: Fuzzer, tmp_path: Path) -> None:
