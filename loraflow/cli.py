@@ -1,7 +1,9 @@
 """The `loraflow` command: `run | validate | retrain | notify | runs CONFIG`, `predict`, `compare`, `demo`.
 
-Flows run locally on Prefect's ephemeral server (no server to start). User errors print a short message
-and exit non-zero, without a traceback.
+Flows run locally on a temporary Prefect server (no server to start; loraflow/server.py). User errors print
+a short message and exit non-zero, without a traceback. Ctrl-C (SIGINT) and SIGTERM stop a run within
+seconds: the task and flow runs are marked Crashed, the temporary server and any DDP processes are stopped,
+and one line says where training got to (exit status 130 and 143).
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
+from types import FrameType
 
 from loraflow.config import LoraflowConfig
 from loraflow.errors import UserError
@@ -79,6 +85,52 @@ def _print_metrics(run_dir: str) -> None:
     print(f"\nrun folder: {run_dir}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread as Python raises KeyboardInterrupt for SIGINT: the run
+    stops where it is, Prefect marks its task and flow runs Crashed, and `main` says where training got to."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM (and SIGINT, unless the shell started this process with it ignored) raise `Interrupted` in
+    the body. While a flow runs, Prefect's flow engine has its own SIGTERM handler: it marks the runs Crashed,
+    then hands the signal on to this one."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    if previous[signal.SIGINT] is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted_message(signum: int) -> str:
+    """Where an interrupted run stopped and what the next run of the same command does."""
+    what = f"interrupted by {signal.Signals(signum).name}"
+    training = sys.modules.get("loraflow.tasks.lora")  # not imported yet: no training has started
+    progress = training.training_under_way() if training else None
+    if progress is None:
+        return f"{what}, not while training; run the same command to continue (finished steps are reused)"
+    if progress.step is not None:
+        what += f" at step {progress.step} of {progress.max_steps}"
+    else:
+        what += " during training"
+    checkpoint = progress.last_checkpoint()
+    if checkpoint is None:
+        return f"{what}; no checkpoint yet; run the same command to start training again"
+    return f"{what}; the last checkpoint is step {checkpoint}; run the same command to resume from it"
+
+
 def _run(config: LoraflowConfig, refresh: bool) -> int:
     from loraflow.flows import training_flow
     from loraflow.tasks.paths import work_store
@@ -101,17 +153,19 @@ def _retrain(config: LoraflowConfig) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from loraflow.flows.predict import predict
+    from loraflow.server import temporary_server
 
     sheet = int(args.sheet) if args.sheet.isdigit() else args.sheet
-    written = predict(
-        model=args.model,
-        input=args.input,
-        output=args.output,
-        sheet=sheet,
-        header_row=args.header_row,
-        encoding=args.encoding,
-        batch_size=args.batch_size,
-    )
+    with temporary_server():
+        written = predict(
+            model=args.model,
+            input=args.input,
+            output=args.output,
+            sheet=sheet,
+            header_row=args.header_row,
+            encoding=args.encoding,
+            batch_size=args.batch_size,
+        )
     print(f"predictions: {written}")
     return 0
 
@@ -165,13 +219,16 @@ def _run_config_command(args: argparse.Namespace) -> int:
     if args.command == "runs":
         print(runs_table(config))
         return 0
-    if args.command == "validate":
-        return _validate(config)
     if args.command == "notify":
         return _notify(config)
-    if args.command == "retrain":
-        return _retrain(config)
-    return _run(config, refresh=getattr(args, "refresh", False))
+    from loraflow.server import temporary_server
+
+    with temporary_server():
+        if args.command == "validate":
+            return _validate(config)
+        if args.command == "retrain":
+            return _retrain(config)
+        return _run(config, refresh=getattr(args, "refresh", False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,23 +281,22 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     started = time.perf_counter()
     try:
-        if args.command == "predict":
-            _quiet_user_error_tracebacks()
-            code = _predict(args)
-        elif args.command == "compare":
-            print(compare_runs(*args.runs))
-            return 0
-        else:
-            code = _run_config_command(args)
+        with _signals_interrupt():
+            if args.command == "predict":
+                _quiet_user_error_tracebacks()
+                code = _predict(args)
+            elif args.command == "compare":
+                print(compare_runs(*args.runs))
+                return 0
+            else:
+                code = _run_config_command(args)
     except UserError as e:
         print(f"loraflow: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(
-            "loraflow: interrupted; re-run the same command to resume from the last checkpoint",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as e:  # Interrupted, or a plain one from before the handlers were set
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"loraflow: error: {_interrupted_message(signum)}", file=sys.stderr)
+        return 128 + signum
     if args.command != "runs":
         print(f"finished in {time.perf_counter() - started:.1f} s")
     return code

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraflow.config import LoraSettings, TrainSettings
+from loraflow.processes import start_in_own_group, stop_group
+from loraflow.tasks.lora import checkpoints_of, recording_progress
 from loraflow.tasks.models import uses_bf16
 from loraflow.tasks.store import Ref, exclusive, is_complete
 
@@ -101,20 +102,28 @@ def train_once(function: str, job: TrainJob, processes: int) -> None:
     with exclusive(job.folder):
         if is_complete(job.folder):
             return
-        if processes > 1:
-            train_in_processes(function, job, processes, uses_bf16(job.dtype))
-        else:
-            run_step(function, job)
+        with recording_progress(checkpoints_of(job.folder)):
+            if processes > 1:
+                train_in_processes(function, job, processes, uses_bf16(job.dtype))
+            else:
+                run_step(function, job)
 
 
 def train_in_processes(function: str, job: TrainJob, processes: int, bf16: bool) -> None:
-    """Run the training function as `processes` DDP processes; raise unless they leave a finished folder."""
+    """Run the training function as `processes` DDP processes; raise unless they leave a finished folder.
+
+    They run in a process group of their own: when this process is interrupted (Ctrl-C, SIGTERM) it stops
+    the whole group (the launcher and every worker) before it goes on, and none outlives it."""
     folder = job.folder
     spec = write_spec(function, job, folder.with_name(f"{folder.name}.launch.json"))
-    result = subprocess.run(launch_command(processes, spec, bf16))
-    if result.returncode != 0 or not is_complete(folder):
+    launcher = start_in_own_group(launch_command(processes, spec, bf16))
+    try:
+        code = launcher.wait()
+    finally:
+        stop_group(launcher, grace_seconds=10.0)  # nothing to stop once it has ended by itself
+    if code != 0 or not is_complete(folder):
         raise RuntimeError(
-            f"{processes}-process training exited with code {result.returncode} without finishing "
+            f"{processes}-process training exited with code {code} without finishing "
             f"{folder}; its output is in the worker's log. A re-run resumes from the last checkpoint."
         )
     spec.unlink(missing_ok=True)

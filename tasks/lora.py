@@ -1,5 +1,6 @@
 """LoRA training plumbing both approaches share, knowing neither: the peft and Trainer builders, MLflow
-tracking, the callbacks that log to Prefect, resume from the last checkpoint, out-of-memory advice and
+tracking, the callbacks that log to Prefect, resume from the last complete checkpoint (a torn one is set
+aside), how far training got (for the CLI to say when a run is interrupted), out-of-memory advice and
 saving a finished adapter folder.
 """
 
@@ -10,8 +11,12 @@ import json
 import os
 import resource
 import shutil
+import struct
 import time
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,8 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from loraflow.config import LoraSettings, TrainSettings
 from loraflow.errors import ConfigError, ResourceError
@@ -249,15 +255,193 @@ def _one_copy_of_each_log_line(trainer: Trainer) -> None:
         trainer.add_callback(_ProgressBar)
 
 
-def train_resuming(trainer: Trainer, checkpoints: Path) -> int:
-    """`trainer.train`, resumed from the last checkpoint in `checkpoints`; returns its step (0 = fresh)."""
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    _one_copy_of_each_log_line(trainer)
+def checkpoints_of(folder: Path) -> Path:
+    """Where the Trainer writes the checkpoints of the training whose adapter goes to `folder`."""
+    return folder.with_name(f"{folder.name}.checkpoints")
+
+
+def torn_checkpoints_of(checkpoints: Path) -> Path:
+    """Where torn checkpoints are set aside: next to `checkpoints`, where neither the Trainer's resume nor its
+    rotation (both look for `checkpoint-*` inside it) sees them, and which a finished run does not delete."""
+    return checkpoints.with_name(f"{checkpoints.name}.torn")
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a `checkpoint-<step>` folder."""
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+def _checkpoint_folders(checkpoints: Path) -> list[Path]:
+    """The Trainer's `checkpoint-<step>` folders in `checkpoints`, the newest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [
+        p
+        for p in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()
+    ]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole: its size must be 8 + its header's length + its data's end."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name} is cut short ({size} bytes)"
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            return f"{path.name} is cut short ({size:,} bytes; its header alone says {8 + length:,})"
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{path.name} has an unreadable header"
+    if 8 + length + end != size:
+        return f"{path.name} is cut short ({size:,} of {8 + length + end:,} bytes)"
+    return None
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """Everything missing or cut short in a Trainer checkpoint folder; none when it is whole.
+
+    The Trainer (transformers 5 `_save_checkpoint`) writes straight into `checkpoint-<step>`, not under a
+    temporary name: the weights, optimizer.pt, scheduler.pt, the RNG state, and trainer_state.json last;
+    a kill on the way leaves a folder that has the name of a finished one."""
+    problems = []
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        state = folder / TRAINER_STATE_NAME
+        if not state.is_file():
+            problems.append(f"there is no {TRAINER_STATE_NAME}")
+        else:
+            try:
+                int(json.loads(state.read_text())["global_step"])
+            except (ValueError, KeyError, TypeError):
+                problems.append(f"{TRAINER_STATE_NAME} is cut short or unreadable")
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            problems.append("there are no weights (*.safetensors)")
+        problems += [
+            f"there is no {name}"
+            for name in (OPTIMIZER_NAME, SCHEDULER_NAME)
+            if not (folder / name).is_file()
+        ]
+        problems += [problem for path in weights if (problem := _safetensors_problem(path))]
+        problems += [  # torch.save writes zip files: the directory that ends one is written last
+            f"{path.name} is cut short ({path.stat().st_size:,} bytes, not a complete zip file)"
+            for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth")])
+            if not zipfile.is_zipfile(path)
+        ]
+    except OSError as e:  # a file vanished or cannot be read
+        problems.append(f"it cannot be read ({e})")
+    return problems
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint in `checkpoints` with nothing missing or cut short, or None."""
+    return next((c for c in _checkpoint_folders(checkpoints) if not checkpoint_problems(c)), None)
+
+
+def set_aside_torn_checkpoints(checkpoints: Path) -> Path | None:
+    """Move the checkpoints newer than the last complete one (torn by a kill while they were written) to
+    `torn_checkpoints_of(checkpoints)`, with a warning in the run log for each; return the last complete one.
+
+    Left in place, the Trainer would resume from a torn checkpoint (and fail on it, or load a half-written
+    optimizer), and later write its new checkpoint of that step into the torn folder."""
+    torn, resume = [], None
+    for folder in _checkpoint_folders(checkpoints):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            resume = folder
+            break
+        torn.append((folder, problems))
+    for folder, problems in torn:
+        aside = torn_checkpoints_of(checkpoints)
+        aside.mkdir(exist_ok=True)
+        target, n = aside / folder.name, 1
+        while target.exists():
+            n += 1
+            target = aside / f"{folder.name}.{n}"
+        os.replace(folder, target)
+        run_logger().warning(
+            "%s in %s is torn, as a run stopped while the Trainer wrote it leaves it: %s. Moved it to %s "
+            "(delete it when you no longer need it); %s",
+            folder.name,
+            checkpoints,
+            "; ".join(problems),
+            target,
+            f"resuming from {resume.name}" if resume else "starting at step 0: no checkpoint is complete",
+        )
+    return resume
+
+
+@dataclass
+class TrainingProgress:
+    """How far the training under way in this process got: the CLI says it when a run is interrupted."""
+
+    checkpoints: Path
+    step: int | None = None  # None: not known here (the training runs in DDP processes)
+    max_steps: int | None = None
+
+    def last_checkpoint(self) -> int | None:
+        """The step of the last complete checkpoint: where the next run resumes; None before the first."""
+        complete = last_complete_checkpoint(self.checkpoints)
+        return checkpoint_step(complete) if complete else None
+
+
+_under_way: TrainingProgress | None = None
+
+
+def training_under_way() -> TrainingProgress | None:
+    """The training this process was in the middle of when an exception ended it, if any."""
+    return _under_way
+
+
+@contextmanager
+def recording_progress(checkpoints: Path) -> Iterator[TrainingProgress]:
+    """Record the training of the body as under way (`training_under_way`) until it ends, except when an
+    interruption (KeyboardInterrupt, a termination signal: not an Exception) ends it: the CLI reports that."""
+    global _under_way
+    _under_way = TrainingProgress(checkpoints)
+    try:
+        yield _under_way
+    except Exception:
+        _under_way = None
+        raise
+    _under_way = None
+
+
+class _RecordProgress(TrainerCallback):
+    """Keeps `training_under_way()` at the step the Trainer reached."""
+
+    def __init__(self, progress: TrainingProgress) -> None:
+        self.progress = progress
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress.step, self.progress.max_steps = state.global_step, state.max_steps
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress.step = state.global_step
+
+
+def train_resuming(trainer: Trainer, checkpoints: Path) -> int:
+    """`trainer.train`, resumed from the last complete checkpoint in `checkpoints` (torn ones newer than it
+    are set aside first, by the first of several DDP processes); returns its step (0 = fresh)."""
+    if trainer.is_world_process_zero():
+        resume = set_aside_torn_checkpoints(checkpoints)
+        if resume:
+            run_logger().info("resuming from %s (step %d)", resume, checkpoint_step(resume))
+    else:  # the others pass over the torn ones the first process moves
+        resume = last_complete_checkpoint(checkpoints)
+    _one_copy_of_each_log_line(trainer)
+    if _under_way is not None and _under_way.checkpoints == checkpoints:
+        trainer.add_callback(_RecordProgress(_under_way))
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as e:
         raise ResourceError(out_of_memory_advice(trainer.args, str(e).splitlines()[0])) from e
-    return int(Path(resume).name.split("-")[-1]) if resume else 0
+    return checkpoint_step(resume) if resume else 0
 
 
 def out_of_memory_advice(args: Any, detail: str) -> str:

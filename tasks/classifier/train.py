@@ -28,6 +28,7 @@ from loraflow.tasks.ingest import read_split
 from loraflow.tasks.launch import TrainJob, train_once
 from loraflow.tasks.lora import (
     build_lora_config,
+    checkpoints_of,
     dev_metrics,
     save_trained,
     tracking_setup,
@@ -191,7 +192,7 @@ def train_into(job: ClassifierTrainJob) -> None:
     """Train LoRA + head on the encoded train split into `job.folder` (one process; one of several under
     DDP)."""
     folder, train = job.folder, job.train
-    checkpoints = folder.with_name(f"{folder.name}.checkpoints")
+    checkpoints = checkpoints_of(folder)
     labels = read_label_map(job.encoded)["labels"]
     frame = read_split(job.encoded, "train")
     weights = class_weights(job.classifier.class_weights, labels, frame[LABEL_ID].tolist())

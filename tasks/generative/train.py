@@ -29,6 +29,7 @@ from loraflow.tasks.ingest import LABEL
 from loraflow.tasks.launch import TrainJob, train_once
 from loraflow.tasks.lora import (
     build_lora_config,
+    checkpoints_of,
     dev_metrics,
     save_trained,
     tracking_setup,
@@ -200,7 +201,7 @@ class GenerativeTrainJob(TrainJob):
 
 def train_into(job: GenerativeTrainJob) -> None:
     """Train LoRA on the formatted train split into `job.folder` (one process; one of several under DDP)."""
-    checkpoints = job.folder.with_name(f"{job.folder.name}.checkpoints")
+    checkpoints = checkpoints_of(job.folder)
     frame, truncated = fit_prompts(
         load_tokenizer(job.model.path), read_prompts(job.prompts, "train"), job.train.max_length
     )
