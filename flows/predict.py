@@ -28,17 +28,19 @@ def predict(
     header_row: int = 1,
     encoding: str = "utf-8",
     batch_size: int = 16,
+    separator: str | None = None,
 ) -> str:
     """Paths → model card → read the input → check its columns → predict in batches → write the rows and
     their predictions.
 
     `model` is a run folder, its merged/ folder or models/<name>/production; `output` ends in .xlsx, .csv,
-    .tsv or .parquet; `sheet`, `header_row` and `encoding` read the input as the data settings do.
+    .tsv or .parquet; `sheet`, `header_row`, `encoding` and `separator` read the input as the data settings
+    do.
     Relative paths resolve against the flow run's working directory.
     """
     model, input, output = settle_predict_paths(model, input, output)
     columns = model_inputs(model)
-    rows = read_input(input, columns, sheet, header_row, encoding, scratch_store())
+    rows = read_input(input, columns, sheet, header_row, encoding, scratch_store(), separator)
     check_input(rows, columns, input)
     predictions = predict_rows(model, rows, batch_size)
     return write_predictions(rows, predictions, output)

@@ -164,6 +164,7 @@ def _predict(args: argparse.Namespace) -> int:
             sheet=sheet,
             header_row=args.header_row,
             encoding=args.encoding,
+            separator=args.separator,
             batch_size=args.batch_size,
         )
     print(f"predictions: {written}")
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--sheet", default="0", help="Excel sheet name or 0-based index (default 0)")
     predict.add_argument("--header-row", type=int, default=1, help="1-based row of the column names")
     predict.add_argument("--encoding", default="utf-8", help="text encoding of .csv/.tsv input")
+    predict.add_argument(
+        "--separator", default=None, help="column separator of .csv/.tsv input (default: ',' or a tab)"
+    )
     predict.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     compare = commands.add_parser("compare", help="two runs' config differences and metrics side by side")
     compare.add_argument("runs", nargs=2, metavar="RUN_FOLDER")

@@ -53,12 +53,18 @@ def scratch_store() -> str:
 
 @task(name="read-input")
 def read_input(
-    path: str, columns: list[str], sheet: str | int, header_row: int, encoding: str, store: str
+    path: str,
+    columns: list[str],
+    sheet: str | int,
+    header_row: int,
+    encoding: str,
+    store: str,
+    separator: str | None = None,
 ) -> Ref:
     """The input table as parquet (every column kept, text cells as text), after checking its columns."""
     source = Path(path)
     require_file(source, "check --input")
-    frame = read_table(source, sheet=sheet, header_row=header_row, encoding=encoding)
+    frame = read_table(source, sheet=sheet, header_row=header_row, encoding=encoding, separator=separator)
     selected_columns(frame, source, columns)
     check_cells(frame, source, columns)
     for column in frame.columns:  # spreadsheets mix numbers and text in one column: keep text

@@ -366,6 +366,8 @@ def read_table(
     require_file(path, "check data.train / data.dev / data.test (relative to the config's folder)")
     if suffix not in SUPPORTED:
         raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
+    if separator is not None and len(separator) != 1:
+        raise DataError(f"the column separator must be one character, got {shown(separator)}")
     try:
         codecs.lookup(encoding)
     except LookupError as e:
