@@ -43,6 +43,7 @@ ROW = "_row"  # the row number in the source file, kept so every message can poi
 BLANK_CHARS = r"\s\u200b\u200c\u200d\u2060\ufeff\x00"
 BLANK = re.compile(f"[{BLANK_CHARS}]*")
 SEPARATORS = (",", ";", "\t", "|")
+MAX_COLUMNS = 16_384  # Excel's limit (XFD); wider is a wrong separator or a broken file
 NOT_TEXT = (list, tuple, dict, set, np.ndarray, bytes, bytearray)  # what a parquet/jsonl cell may hold
 
 
@@ -169,13 +170,16 @@ def _check_text_kind(path: Path, encoding: str) -> None:
 
 
 def _first_lines(path: Path, encoding: str, header_row: int, count: int = 20) -> list[str]:
-    lines = []
-    with open(path, encoding=encoding, errors="replace", newline="") as file:
-        for number, line in enumerate(file, start=1):
-            if number >= header_row:
-                lines.append(line)
-            if len(lines) >= count:
-                break
+    lines: list[str] = []
+    try:
+        with open(path, encoding=encoding, errors="replace", newline="") as file:
+            for number, line in enumerate(file, start=1):
+                if number >= header_row:
+                    lines.append(line)
+                if len(lines) >= count:
+                    break
+    except UnicodeError:  # a codec that refuses outright (UTF-16 without its mark): the reader says so
+        return []
     return lines
 
 
@@ -250,6 +254,16 @@ def _read_text_table(
         "na_values": [""],
         "skip_blank_lines": False,  # row numbers are the file's lines, as a spreadsheet shows them
     }
+    header = _first_lines(path, encoding, header_row, count=1)
+    try:
+        width = max((len(row) for row in csv.reader(header, delimiter=sep)), default=0)
+    except csv.Error:
+        width = 0  # the readers below say what is wrong
+    if width > MAX_COLUMNS:
+        raise DataError(
+            f"{path}: the header row has {width:,} columns separated by {sep!r}, more than the "
+            f"{MAX_COLUMNS:,} loraflow reads (Excel's limit); check data.separator and data.header_row"
+        )
     try:
         raw = pd.read_csv(path, header=None, skiprows=header_row - 1, nrows=1, **options)
         if (
@@ -322,6 +336,11 @@ def _read_parquet(path: Path, max_cells: int) -> pd.DataFrame:
     try:
         metadata = pq.ParquetFile(path).metadata
         rows, columns = metadata.num_rows, metadata.num_columns
+        if columns > MAX_COLUMNS:
+            raise DataError(
+                f"{path}: {columns:,} columns, more than the {MAX_COLUMNS:,} loraflow reads; keep the "
+                "columns the model reads"
+            )
         if rows * columns > max_cells:
             raise DataError(
                 f"{path}: {rows:,} rows × {columns} columns, more than data.max_cells = {max_cells:,}; "
@@ -393,7 +412,9 @@ def read_table(
     # Spreadsheet rows are 1-based and the header takes one, so data row i sits on line header_row + 1 + i.
     offset = header_row + 1 if suffix in (".xlsx", ".xlsm", ".tsv", ".csv") else 1
     frame[ROW] = np.arange(len(frame)) + offset
-    empty = blank_cells(frame[names]).all(axis=1) if names else np.zeros(len(frame), dtype=bool)
+    cells = frame.iloc[:, : len(names)]  # `_row` comes last
+    filled = np.flatnonzero(cells.notna().any().to_numpy())  # blank columns cannot make a row non-blank
+    empty = blank_cells(cells.iloc[:, filled]).all(axis=1) if len(filled) else np.ones(len(frame), dtype=bool)
     if empty.any():
         frame = frame[~empty].reset_index(drop=True)
     frame.attrs = attrs | {"blank_rows": int(empty.sum())}

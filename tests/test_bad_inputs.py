@@ -493,6 +493,14 @@ CONFIG_TIME = (
 # the flow and CLI plumbing of a DataError is the same for all of them and is checked by ERRORS above.
 READ_ERRORS = [
     Case(
+        "65k-columns",  # a fuzz finding: 29 s to read before it was refused up front
+        _with_train(
+            _bytes_named("train.csv", lambda f: b"a," * 65_536 + geo_rows(20).to_csv(index=False).encode())
+        ),
+        r"train\.csv: the header row has 65,539 columns separated by ',', more than the 16,384 "
+        r"loraflow reads",
+    ),
+    Case(
         "workbook-xml-ill-formed",
         _with_train(
             lambda f: _geo_xlsx(f, "xl/workbook.xml", lambda x: x.replace('name="Sheet1"', 'name="A&B"'))
