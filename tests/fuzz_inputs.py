@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from openpyxl import Workbook
 
 from loraflow.config import DataSettings
+from loraflow.tasks.excel import column_letters
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 ROWS = 30  # rows per seed: enough for every column type, small enough for ~10 ms a read
@@ -764,19 +765,11 @@ def _empty_cells(draw: Draw, text: str) -> tuple[str, str]:
     how = draw(st.sampled_from(["in the last row", "in rows of their own below"]))
     last = int(rows[-1][1])
     if how == "in the last row":
-        cells = "".join(f'<c r="{_column_letters(3 + i)}{last}" s="0"/>' for i in range(min(count, 16_000)))
+        cells = "".join(f'<c r="{column_letters(3 + i)}{last}" s="0"/>' for i in range(min(count, 16_000)))
         at = text.rfind("</row>")
         return text[:at] + cells + text[at:], f"{min(count, 16_000)} empty styled cells {how}"
     cells = "".join(f'<row r="{last + 1 + i}"><c r="D{last + 1 + i}" s="0"/></row>' for i in range(count))
     return text.replace("</sheetData>", cells + "</sheetData>", 1), f"{count} empty styled cells {how}"
-
-
-def _column_letters(index: int) -> str:
-    letters, n = "", index + 1
-    while n:
-        n, rest = divmod(n - 1, 26)
-        letters = chr(ord("A") + rest) + letters
-    return letters
 
 
 XML_TOKENS = [
