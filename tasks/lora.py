@@ -11,7 +11,9 @@ import json
 import os
 import resource
 import shutil
+import signal
 import struct
+import threading
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -405,11 +407,53 @@ def recording_progress(checkpoints: Path) -> Iterator[TrainingProgress]:
     global _under_way
     _under_way = TrainingProgress(checkpoints)
     try:
-        yield _under_way
+        with _no_lost_stop_signals():
+            yield _under_way
     except Exception:
         _under_way = None
         raise
     _under_way = None
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stop_requested: list[tuple[int, Any]] = []  # (signal, the handler it was given to), while training
+
+
+@contextmanager
+def _no_lost_stop_signals() -> Iterator[None]:
+    """Python runs a signal's handler between two bytecodes of the main thread, which may be inside a
+    finalizer (`__del__`, a weakref callback, a generator closed by the garbage collector): the exception
+    the handler raises there is printed as "Exception ignored" and the run goes on as if no Ctrl-C or
+    SIGTERM had come. While training, each stop signal is noted before it goes to its handler (the CLI's or
+    Prefect's); `_RecordProgress` hands a noted one to its handler again at the next step's end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def note_then_handle(signum: int, frame: Any) -> None:
+        handler = previous[signal.Signals(signum)]
+        _stop_requested.append((signum, handler))
+        handler(signum, frame)
+
+    for sig, handler in previous.items():
+        if callable(handler):  # SIG_IGN and SIG_DFL stay as they are
+            signal.signal(sig, note_then_handle)
+    try:
+        yield
+    finally:
+        _stop_requested.clear()
+        for sig, handler in previous.items():
+            if callable(handler):
+                signal.signal(sig, handler)
+
+
+def stop_if_a_signal_was_lost() -> None:
+    """Raise the stop signal noted during training whose exception never reached the training loop."""
+    if _stop_requested:
+        signum, handler = _stop_requested.pop()
+        _stop_requested.clear()
+        handler(signum, None)
 
 
 class _RecordProgress(TrainerCallback):
@@ -423,6 +467,7 @@ class _RecordProgress(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.progress.step = state.global_step
+        stop_if_a_signal_was_lost()
 
 
 def train_resuming(trainer: Trainer, checkpoints: Path) -> int:

@@ -120,8 +120,9 @@ def _interrupt(
     return code, time.monotonic() - sent, started
 
 
+STEPS = 120  # the runs stop at their first checkpoint; the rest (seconds) is the margin for a slow test
 INTERRUPTED = re.compile(
-    r"loraflow: error: interrupted by (SIGINT|SIGTERM) at step (\d+) of 60; "
+    rf"loraflow: error: interrupted by (SIGINT|SIGTERM) at step (\d+) of {STEPS}; "
     r"the last checkpoint is step (\d+); run the same command to resume from it"
 )
 STOPS = [  # how a run gets stopped: a kill, Ctrl-C in its terminal (the whole group), `kill PID`
@@ -134,7 +135,7 @@ STOPS = [  # how a run gets stopped: a kill, Ctrl-C in its terminal (the whole g
 def test_a_training_run_stopped_by_a_kill_ctrl_c_or_sigterm_resumes_from_its_last_checkpoint(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    train = {"max_steps": 60, "save_steps": 5, "logging_steps": 50, "batch_size": 8, "select_best": False}
+    train = {"max_steps": STEPS, "save_steps": 5, "logging_steps": 50, "batch_size": 8, "select_best": False}
     config = write_config(tmp_path / "task", tiny_model, train=train, eval={"baseline": False})
     parent, home = tmp_path / "task" / "runs" / "tiny-geo", tmp_path / "home"
     work, resumed_from = parent / "work", 0
@@ -153,7 +154,7 @@ def test_a_training_run_stopped_by_a_kill_ctrl_c_or_sigterm_resumes_from_its_las
         while [p for p in children if _running(p)] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [p for p in children if _running(p)]
-        assert not list(parent.glob("2*"))  # nothing looks finished
+        assert not list(parent.glob("2*")), (n, code, seconds, stderr[-3000:])  # nothing looks finished
         if resumed_from:  # this run resumed from where the last one stopped
             [checkpoints] = work.glob("train-*.checkpoints")
             assert f"resuming from {checkpoints}/checkpoint-{resumed_from} " in stderr
@@ -167,7 +168,7 @@ def test_a_training_run_stopped_by_a_kill_ctrl_c_or_sigterm_resumes_from_its_las
         match = INTERRUPTED.fullmatch(line)
         assert match and match[1] == sig.name, line
         step, checkpoint = int(match[2]), int(match[3])
-        assert resumed_from < checkpoint <= step < 60 and checkpoint == max(_checkpoint_steps(work)), line
+        assert resumed_from < checkpoint <= step < STEPS and checkpoint == max(_checkpoint_steps(work)), line
         resumed_from = checkpoint
 
     # The runs stopped by a signal were recorded as crashed and their last log lines were sent: the server
@@ -186,7 +187,7 @@ def test_a_training_run_stopped_by_a_kill_ctrl_c_or_sigterm_resumes_from_its_las
     assert last.wait(timeout=600) == 0, (tmp_path / "last.log").read_text()[-3000:]
     [adapter] = [p for p in work.glob("train-*") if p.is_dir() and is_complete(p)]
     stats = json.loads((adapter / "train.json").read_text())
-    assert stats["resumed_from_step"] == resumed_from and stats["steps"] == 60  # continued, not restarted
+    assert stats["resumed_from_step"] == resumed_from and stats["steps"] == STEPS  # continued, not restarted
     history = json.loads((adapter / "log_history.json").read_text())
     assert min(e["step"] for e in history if "loss" in e) > stats["resumed_from_step"]
     assert not list(work.glob("train-*.checkpoints"))  # the finished adapter replaced them
@@ -300,6 +301,50 @@ def test_an_interrupted_multi_process_training_stops_its_launcher_and_workers(
         "interrupted by SIGINT during training; no checkpoint yet; "
         "run the same command to start training again"
     )
+
+
+class _SignalsWhenCollected:
+    """Raises SIGINT in its finalizer: the handler's KeyboardInterrupt is raised inside `__del__`, where
+    Python prints it as "Exception ignored" and carries on, as a Ctrl-C landing in any finalizer would be."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, planted
+def test_a_stop_signal_whose_exception_a_finalizer_swallowed_still_stops_training_at_the_next_step(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config(write_config(tmp_path / "task", tiny_model))
+    store = str(tmp_path / "store")
+    prompts = prepare_inputs.fn(
+        ingest_table.fn(config.data, config.input_columns, store), config.prompt, config.data.answers, store
+    )
+    train = TORN_TRAIN.model_copy(update={"max_steps": 6, "save_steps": 100})
+    folder = tmp_path / "store" / "train-x"
+    job = GenerativeTrainJob(
+        folder=folder,
+        prompts=prompts,
+        model=Ref(path=str(tiny_model), digest="m"),
+        lora=LoraSettings(r=4),
+        train=train,
+        dtype="float32",
+    )
+    real_step = Trainer.training_step
+
+    def collected_at_step_two(self: Trainer, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.state.global_step == 1:
+            _SignalsWhenCollected()  # dropped at once: the Ctrl-C arrives, and is swallowed, in its __del__
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", collected_at_step_two)
+    monkeypatch.setattr(loraflow.tasks.lora, "_under_way", None)
+    with pytest.raises(KeyboardInterrupt):
+        train_once("loraflow.tasks.generative.train:train_into", job, 1)
+    progress = training_under_way()
+    assert progress and progress.step == 2 and progress.max_steps == 6  # not trained on to step 6
+    assert not is_complete(folder)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
 
 def test_two_runs_of_one_config_at_once_finish_in_separate_folders_and_leak_no_token(
