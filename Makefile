@@ -32,7 +32,7 @@ demo: setup
 	$(BIN)/loraflow demo
 
 test: setup
-	$(BIN)/python -m pytest -m "not gpu" --durations=8
+	$(BIN)/python -m pytest -m "not gpu" --durations=25
 
 # Side-by-side benchmarks, outside CI (~10 min on 2 CPU cores, setup included): bench/results/<UTC date>.json and .md
 bench: setup
