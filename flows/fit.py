@@ -48,6 +48,7 @@ def fit_anywhere(config: LoraflowConfig, prepared: Ref, store: str) -> dict[str,
     )
     run = run_deployment(
         name=deployment,
+        flow_run_name=f"fit-{config.name}",
         parameters={
             "config": config.model_dump(mode="json"),
             "prepared": publish_to_exchange(prepared, storage, store).model_dump(),

@@ -80,7 +80,9 @@ def retrain(config: LoraflowConfig) -> dict[str, Any]:
     attempt = open_attempt(config)
     if attempt["unchanged_since"]:
         return {"decision": "no new data", "production": attempt["champion"], "data": attempt["data"]}
-    run_dir = str(training_flow(config.approach)(config))
+    attempt_number = len(read_history(config)) + 1  # this one's: the failed ones are in the history too
+    challenger = f"{config.name}-challenger-{attempt_number}".replace("{", "{{").replace("}", "}}")
+    run_dir = str(training_flow(config.approach).with_options(flow_run_name=challenger)(config))
     champion = Path(attempt["champion"]) if attempt["champion"] else None
     scored = None
     if champion is not None:

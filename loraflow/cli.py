@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from loraflow.config import LoraflowConfig
+from loraflow.console import QUIET_LIBRARIES, VERBOSE, quiet_library_logs
 from loraflow.errors import UserError
 from loraflow.loading import load_config
 from loraflow.runs import compare_runs, runs_table
@@ -32,6 +33,7 @@ DEMO_CONFIG = Path(str(files("loraflow.examples") / "geo" / "config.yaml"))
 # Quiet, offline-friendly defaults; the user's environment wins.
 ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",  # Prefect's client telemetry, and its first-run notice in a terminal
     "GX_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "transformers,peft,trl,datasets",
@@ -136,6 +138,7 @@ def _run(config: LoraflowConfig, refresh: bool) -> int:
     from loraflow.tasks.paths import work_store
 
     flow = training_flow(config.approach)
+    quiet_library_logs()  # once the libraries are imported: their loggers exist
     if refresh:  # a new work store has a new identity, which every task's cache key includes
         shutil.rmtree(work_store(config), ignore_errors=True)
     run_dir = flow(config)
@@ -146,6 +149,7 @@ def _run(config: LoraflowConfig, refresh: bool) -> int:
 def _retrain(config: LoraflowConfig) -> int:
     from loraflow.flows.retrain import retrain
 
+    quiet_library_logs()
     record = retrain(config)
     print(f"{record['decision']}; production: {record['production']}")
     return 0
@@ -154,6 +158,8 @@ def _retrain(config: LoraflowConfig) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from loraflow.flows.predict import predict
     from loraflow.server import temporary_server
+
+    quiet_library_logs()
 
     sheet = int(args.sheet) if args.sheet.isdigit() else args.sheet
     with temporary_server():
@@ -174,6 +180,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _validate(config: LoraflowConfig) -> int:
     from loraflow.flows.validate import validate_data
 
+    quiet_library_logs()
     folder = validate_data(config)
     print(f"data contract passed: {Path(folder) / 'contract.json'}")
     return 0
@@ -235,7 +242,14 @@ def _run_config_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    overrides = argparse.ArgumentParser(add_help=False)  # --set, shared by every command that reads a config
+    verbosity = argparse.ArgumentParser(add_help=False)  # -v, shared by every command that runs a flow
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' own progress bars and log lines (transformers, datasets, ...)",
+    )
+    overrides = argparse.ArgumentParser(add_help=False, parents=[verbosity])  # --set, and -v
     overrides.add_argument(
         "--set",
         dest="overrides",
@@ -258,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("runs", "list a config's finished runs with their key metrics"),
     ):
         commands.add_parser(name, parents=[overrides], help=text).add_argument("config")
-    predict = commands.add_parser("predict", help="label a table's rows with a trained model")
+    predict = commands.add_parser(
+        "predict", parents=[verbosity], help="label a table's rows with a trained model"
+    )
     predict.add_argument("--model", required=True, help="run folder, its merged/ or models/<name>/production")
     predict.add_argument("--input", required=True, help="table to label (.xlsx .csv .tsv .parquet .jsonl)")
     predict.add_argument(
@@ -281,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for key, value in ENV_DEFAULTS.items():
+    quiet = {} if getattr(args, "verbose", False) else QUIET_LIBRARIES
+    if not quiet:
+        os.environ[VERBOSE] = "1"
+    for key, value in {**ENV_DEFAULTS, **quiet}.items():  # before the libraries are imported
         os.environ.setdefault(key, value)
     started = time.perf_counter()
     try:

@@ -18,6 +18,32 @@ from loraflow.tasks.manifest import CardUsage
 EMBEDDED_ORIGIN = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 
 
+def short_model_name(model_name: str) -> str:
+    """A base model as people call it: `SmolLM2-135M-Instruct` for the embedded one, the last part of a hub
+    id (`Qwen2.5-0.5B`) or of a local folder's path."""
+    if model_name.startswith("embedded:"):
+        embedded = model_name.removeprefix("embedded:")
+        model_name = EMBEDDED_ORIGIN.get(embedded, (embedded, ""))[0]
+    return Path(model_name.rstrip("/")).name or model_name
+
+
+def model_names(metrics: dict[str, Any]) -> dict[str, str]:
+    """Each scored model of a run's metrics.json named for a reader: "zero-shot SmolLM2-135M-Instruct" or
+    "majority class", "classical (TF-IDF + logistic regression)", "fine-tuned SmolLM2-135M-Instruct
+    (LoRA r=16)"."""
+    base = short_model_name(metrics["model"])
+    lora = metrics.get("lora")  # not in the metrics.json of runs from before it was recorded
+    names = {
+        "classical": "classical (TF-IDF + logistic regression)",
+        "finetuned": f"fine-tuned {base} (LoRA r={lora['r']})" if lora else f"fine-tuned {base} (LoRA)",
+    }
+    baseline = metrics.get("baseline")
+    if baseline:
+        kind = baseline["kind"]
+        names["baseline"] = {"zero-shot": f"zero-shot {base}", "majority": "majority class"}.get(kind, kind)
+    return names
+
+
 def front_matter(text: str) -> dict[str, Any]:
     """The YAML block between the leading `---` lines of a model card ({} when there is none)."""
     found = re.match(r"\A---\n(.*?)\n---\n", text, re.S)
@@ -71,9 +97,10 @@ def render_model_card(
         ],
     }
     test = metrics.get("test") or {}
+    names = model_names(metrics)
     rows = [
-        (name if name == "fine-tuned" else f"{name} ({m['kind']})", m, test.get(key))
-        for key, name in (("finetuned", "fine-tuned"), ("classical", "classical"), ("baseline", "baseline"))
+        (names[key], m, test.get(key))
+        for key in ("finetuned", "classical", "baseline")
         if (m := metrics.get(key))
     ]
     columns = "| model | accuracy | macro-F1 |" + (" test accuracy | test macro-F1 |" if test else "")

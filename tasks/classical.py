@@ -21,7 +21,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from loraflow.config import render
 from loraflow.tasks.ingest import LABEL, read_meta, read_split, split_names
 from loraflow.tasks.metrics import save_evaluation
-from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, step_output
+from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, named_for_evaluation, step_output
 
 KIND = "classical"
 DESCRIPTION = "TF-IDF + logistic regression"
@@ -78,7 +78,7 @@ def classical_baselines(
     }
 
 
-@task(name="classical-baseline", cache_policy=CONTENT_CACHE)
+@task(name="classical-baseline", task_run_name=named_for_evaluation("classical"), cache_policy=CONTENT_CACHE)
 def evaluate_classical(
     splits: Ref, columns: list[str], template: str | None, store: str, split: str = "dev"
 ) -> Ref:

@@ -27,6 +27,7 @@ from loraflow.tasks.store import (
     building,
     digest_of,
     is_complete,
+    named_for_config,
     sha256_file,
     step_output,
     work_dir,
@@ -267,7 +268,11 @@ def describe_violation(check: dict[str, Any]) -> str:
     return ": ".join(parts) + (f" → {fix}" if fix else "")
 
 
-@task(name="check-contract", cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_suite_key))
+@task(
+    name="check-contract",
+    task_run_name=named_for_config("check-contract"),
+    cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_suite_key),
+)
 def check_contract(splits: Ref, columns: list[str], contract: ContractSettings, store: str) -> Ref:
     """Validate train, dev (and test); save contract.json; fail listing every critical violation at once."""
     key = digest_of("contract", splits.digest, columns, contract, _suite_key(None, {"contract": contract}))

@@ -25,6 +25,7 @@ from loraflow.tasks.store import (
     building,
     is_complete,
     link_tree,
+    named_for_config,
     retry_unless_user_error,
     write_manifest,
 )
@@ -92,13 +93,13 @@ def fetch(ref: Ref, storage: str, store: str) -> Ref:
 _COPY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": retry_unless_user_error}
 
 
-@task(name="publish-to-exchange", **_COPY)
+@task(name="publish-to-exchange", task_run_name=named_for_config("publish-to-exchange"), **_COPY)
 def publish_to_exchange(ref: Ref, storage: str, store: str) -> Ref:
     """`publish` as a task: the work-store folder holding `ref`, copied to the exchange storage."""
     return publish(ref, storage, store)
 
 
-@task(name="publish-outputs", **_COPY)
+@task(name="publish-outputs", task_run_name=named_for_config("publish-outputs"), **_COPY)
 def publish_outputs(outputs: dict[str, Ref | None], storage: str, store: str, outbox: str) -> dict[str, Any]:
     """On the GPU worker: publish every output folder and write their refs to `outbox` (a JSON file)."""
     published = {
@@ -109,7 +110,7 @@ def publish_outputs(outputs: dict[str, Ref | None], storage: str, store: str, ou
     return published
 
 
-@task(name="fetch-outputs", **_COPY)
+@task(name="fetch-outputs", task_run_name=named_for_config("fetch-outputs"), **_COPY)
 def fetch_outputs(outbox: str, storage: str, store: str) -> dict[str, Ref | None]:
     """Back where the flow started: the GPU run's outputs, listed in `outbox`, fetched into the work store."""
     with fsspec.open(outbox, "r") as f:
@@ -117,7 +118,7 @@ def fetch_outputs(outbox: str, storage: str, store: str) -> dict[str, Ref | None
     return {name: fetch(Ref(**ref), storage, store) if ref else None for name, ref in published.items()}
 
 
-@task(name="fetch-from-exchange", **_COPY)
+@task(name="fetch-from-exchange", task_run_name=named_for_config("fetch-from-exchange"), **_COPY)
 def fetch_from_exchange(ref: Ref, storage: str, store: str) -> Ref:
     """`fetch` as a task: a published folder copied into this host's work store, its hashes checked."""
     return fetch(ref, storage, store)

@@ -16,7 +16,13 @@ from loraflow.tasks.models import hf_token
 from loraflow.tasks.store import retry_unless_user_error, run_logger
 
 
-@task(name="push-to-hub", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error)
+@task(
+    name="push-to-hub",
+    task_run_name=lambda parameters: f"push-to-hub-{parameters['hub'].repo_id}",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=retry_unless_user_error,
+)
 def push_to_hub(run_dir: str, hub: HubSettings) -> str:
     """Upload `<run_dir>/merged/` to the hub repository `hub.repo_id`; returns the commit URL."""
     from huggingface_hub import HfApi

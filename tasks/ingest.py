@@ -23,6 +23,7 @@ from loraflow.tasks.store import (
     building,
     digest_of,
     is_complete,
+    named_for_config,
     retry_unless_user_error,
     run_logger,
     sha256_file,
@@ -119,6 +120,7 @@ def split_stratified(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[p
 
 @task(
     name="ingest",
+    task_run_name=named_for_config("ingest"),
     cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_source_key),
     retries=2,
     retry_delay_seconds=[1, 5],

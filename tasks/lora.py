@@ -40,6 +40,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_N
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from loraflow.config import LoraSettings, TrainSettings
+from loraflow.console import ProgressDisplay
 from loraflow.errors import ConfigError, ResourceError
 from loraflow.tasks.metrics import classification_metrics
 from loraflow.tasks.store import (
@@ -192,6 +193,15 @@ class _LogToPrefect(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.logger and state.is_world_process_zero:
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            steps = (
+                f"steps {state.global_step + 1} to {state.max_steps}"
+                if state.global_step
+                else f"{state.max_steps} steps"
+            )
+            self.logger.info(
+                "training %s: %g epoch(s), %d rows per step", steps, state.num_train_epochs, per_step
+            )
             self.started, self.first_step = time.monotonic(), state.global_step
             self.artifact = create_progress_artifact(
                 100 * state.global_step / max(state.max_steps, 1),
@@ -238,23 +248,53 @@ def training_callbacks(train: TrainSettings) -> list[TrainerCallback]:
     return [_LogToPrefect(), *selection_callbacks(train)]
 
 
-class _ProgressBar(ProgressCallback):
-    """transformers' progress bar without its own copy of each log line."""
+class _TrainingDisplay(TrainerCallback):
+    """The one progress display of a training run (loraflow/console.py): step / total, the last logged
+    loss, tokens per second and the time left; on the first process only, under DDP."""
+
+    def __init__(self) -> None:
+        self.display: ProgressDisplay | None = None
+        self.started, self.first_tokens, self.loss = 0.0, 0, ""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.started, self.first_tokens = time.monotonic(), int(state.num_input_tokens_seen)
+            self.display = ProgressDisplay("training", state.max_steps, "steps", completed=state.global_step)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        return None
+        if logs and "loss" in logs:
+            self.loss = f"{logs['loss']:.4f}"
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.display is None:
+            return
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        rate = (int(state.num_input_tokens_seen) - self.first_tokens) / seconds
+        loss = f"loss {self.loss} · " if self.loss else ""
+        self.display.update(state.global_step, f"{loss}{rate:,.0f} tokens/s")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the display (also when training ends in an exception, which skips on_train_end)."""
+        if self.display is not None:
+            self.display.close()
+            self.display = None
 
 
-def _one_copy_of_each_log_line(trainer: Trainer) -> None:
-    """In a Prefect run the log lines go to its log (`_LogToPrefect`); transformers would print them again."""
-    callbacks = trainer.callback_handler.callbacks
-    if not any(isinstance(c, _LogToPrefect) and c.logger for c in callbacks):
-        return
+def _one_progress_display(trainer: Trainer) -> _TrainingDisplay:
+    """transformers' tqdm bar and its printed copy of each log line make way for `_TrainingDisplay`: in a
+    Prefect run the log lines go to its log (`_LogToPrefect`), which the console shows above the display."""
     trainer.remove_callback(PrinterCallback)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_ProgressBar)
+    trainer.remove_callback(ProgressCallback)
+    shown = next((c for c in trainer.callback_handler.callbacks if isinstance(c, _TrainingDisplay)), None)
+    if shown is None:
+        shown = _TrainingDisplay()
+        trainer.add_callback(shown)
+    return shown
 
 
 def checkpoints_of(folder: Path) -> Path:
@@ -479,13 +519,15 @@ def train_resuming(trainer: Trainer, checkpoints: Path) -> int:
             run_logger().info("resuming from %s (step %d)", resume, checkpoint_step(resume))
     else:  # the others pass over the torn ones the first process moves
         resume = last_complete_checkpoint(checkpoints)
-    _one_copy_of_each_log_line(trainer)
+    display = _one_progress_display(trainer)
     if _under_way is not None and _under_way.checkpoints == checkpoints:
         trainer.add_callback(_RecordProgress(_under_way))
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as e:
         raise ResourceError(out_of_memory_advice(trainer.args, str(e).splitlines()[0])) from e
+    finally:
+        display.close()
     return checkpoint_step(resume) if resume else 0
 
 

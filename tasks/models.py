@@ -23,6 +23,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import ModelSettings
 from loraflow.errors import ModelError
+from loraflow.tasks.card import short_model_name
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.store import (
     CONTENT_CACHE,
@@ -213,6 +214,7 @@ def _local_model_key(_context: Any, inputs: dict[str, Any]) -> str:
 
 @task(
     name="resolve-model",
+    task_run_name=lambda parameters: f"resolve-model-{short_model_name(parameters['model'].name)}",
     cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_local_model_key),
     retries=2,
     retry_delay_seconds=[5, 30],

@@ -22,6 +22,7 @@ from loraflow.config import LoraflowConfig
 from loraflow.errors import ConfigError
 from loraflow.loading import absolute_paths
 from loraflow.tasks.predict import model_folder
+from loraflow.tasks.store import named_for_config
 
 
 def work_store(config: LoraflowConfig) -> str:
@@ -78,7 +79,7 @@ def check_storage(storage: str) -> None:
         ) from e
 
 
-@task(name="settle-paths")
+@task(name="settle-paths", task_run_name=named_for_config("settle-paths"))
 def settle_paths(config: LoraflowConfig, registry: bool = False) -> LoraflowConfig:
     """The config with absolute paths (relative ones against the working directory), after checking that
     output_dir (and the registry, for `registry=True`) can be written and the exchange storage reached."""

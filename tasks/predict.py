@@ -19,7 +19,7 @@ from prefect import task
 from loraflow.errors import DataError, ModelError
 from loraflow.tasks.contracts import describe_violation, run_suites, text_expectations
 from loraflow.tasks.manifest import ModelManifest
-from loraflow.tasks.store import Ref, building, digest_of, work_dir
+from loraflow.tasks.store import Ref, building, digest_of, named_for_file, work_dir
 from loraflow.tasks.tables import ROW, check_cells, read_table, require_file, selected_columns
 
 PREDICTED = "predicted_label"
@@ -51,7 +51,7 @@ def scratch_store() -> str:
     return str(Path(tempfile.gettempdir()) / "loraflow-predict")
 
 
-@task(name="read-input")
+@task(name="read-input", task_run_name=named_for_file("read-input", "path"))
 def read_input(
     path: str,
     columns: list[str],
@@ -110,7 +110,7 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-@task(name="write-predictions")
+@task(name="write-predictions", task_run_name=named_for_file("write-predictions", "output"))
 def write_predictions(rows: Ref, predictions: Ref, output: str) -> str:
     """The input rows (every column, in order) plus the prediction columns, written to `output`."""
     frame = pd.read_parquet(rows.path).drop(columns=[ROW])

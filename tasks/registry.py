@@ -32,6 +32,7 @@ from loraflow.tasks.store import (
     building,
     digest_of,
     link_tree,
+    named_for_config,
     retry_unless_user_error,
     run_logger,
 )
@@ -88,7 +89,7 @@ def promote(config: LoraflowConfig, run_dir: Path) -> Path:
     return version
 
 
-@task(name="settle-challenger")
+@task(name="settle-challenger", task_run_name=named_for_config("settle-challenger"))
 def settle_challenger(
     config: LoraflowConfig, record: dict[str, Any], run_dir: str, champion: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -107,7 +108,13 @@ def settle_challenger(
     return record
 
 
-@task(name="check-for-new-data", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+@task(
+    name="check-for-new-data",
+    task_run_name=named_for_config("check-for-new-data"),
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+)
 def open_attempt(config: LoraflowConfig) -> dict[str, Any]:
     """A retraining attempt's opening record: when, the data files' sha256, the settings' digest, the current
     champion, and `unchanged_since` (the time of the last attempt on the same data and settings, when there
@@ -129,7 +136,7 @@ def open_attempt(config: LoraflowConfig) -> dict[str, Any]:
     }
 
 
-@task(name="announce-decision")
+@task(name="announce-decision", task_run_name=named_for_config("announce-decision"))
 def announce_decision(config: LoraflowConfig, record: dict[str, Any]) -> dict[str, Any]:
     """Log the promotion decision and publish it as the `<name>-promotion` markdown artifact; returns the
     record with the production model now in place."""

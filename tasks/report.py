@@ -19,14 +19,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from loraflow.config import CONFIGS, LoraflowConfig
 from loraflow.loading import dump_config
-from loraflow.tasks.card import base_model_origin, render_model_card
+from loraflow.tasks.card import base_model_origin, model_names, render_model_card
 from loraflow.tasks.ingest import read_meta, split_names
 from loraflow.tasks.lora import read_train_stats
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.metrics import read_evaluation
 from loraflow.tasks.models import default_cache_dir
 from loraflow.tasks.plots import dev_losses, draw_plots
-from loraflow.tasks.store import Ref, artifact_key, link_tree, write_manifest
+from loraflow.tasks.store import Ref, artifact_key, link_tree, named_for_config, write_manifest
 
 MODELS = ("baseline", "classical", "finetuned")  # metrics.json's keys, in the order reports list them
 Evaluations = dict[str, dict[str, Any] | None]  # a model's key → its metrics.json from `save_evaluation`
@@ -54,6 +54,7 @@ def build_metrics(
         "n_dev": meta["rows"]["dev"],
         "n_test": meta["rows"].get("test", 0),
         "labels": meta["labels"],
+        "lora": {"r": config.lora.r, "alpha": config.lora.alpha or 2 * config.lora.r},
         **{name: _model_metrics(dev.get(name)) for name in MODELS},
         "test": {name: _model_metrics(test.get(name)) for name in MODELS} if test.get("finetuned") else None,
         "train": {k: train[k] for k in ("seconds", "steps", "tokens_per_second", "final_loss", "peak_rss_mb")}
@@ -70,14 +71,14 @@ def _scored(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """Markdown table: each model's accuracy and macro-F1 on dev (and test, when there is one)."""
+    """Markdown table: each model, named (`model_names`), with its accuracy and macro-F1 on dev (and test,
+    when there is one)."""
     with_test = bool(metrics.get("test"))
-    header = "| model | kind | accuracy | macro-F1 |" + (
-        " test accuracy | test macro-F1 |" if with_test else ""
-    )
-    lines = [header, "|---" * (6 if with_test else 4) + "|"]
+    header = "| model | accuracy | macro-F1 |" + (" test accuracy | test macro-F1 |" if with_test else "")
+    lines = [header, "|---" * (5 if with_test else 3) + "|"]
+    names = model_names(metrics)
     for name, m, t in _scored(metrics):
-        row = f"| {name} | {m['kind']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} |"
+        row = f"| {names[name]} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} |"
         if with_test:
             row += f" {t['accuracy']:.3f} | {t['macro_f1']:.3f} |" if t else " - | - |"
         lines.append(row)
@@ -109,8 +110,13 @@ def verdict(metrics: dict[str, Any]) -> list[str]:
     return said
 
 
-def render_report(metrics: dict[str, Any], run_dir: Path, plots: list[str] | None = None) -> str:
-    """report.md: summary, the verdict, per-class table, confusion matrix, training figures and the plots."""
+def render_report(
+    metrics: dict[str, Any], run_dir: Path, plots: dict[str, str] | None = None, inline: bool = False
+) -> str:
+    """report.md: summary, the verdict, per-class table, confusion matrix, training figures and the plots
+    (`plots`: each file's path in the run folder → its compact copy as a data URI). On disk the images are
+    the files next to report.md; `inline` puts the data URIs in instead, for the Prefect UI, which cannot
+    fetch files from the run folder."""
     labels = metrics["labels"]
     ft = metrics["finetuned"]
     test_rows = f", test rows: {metrics['n_test']}" if metrics.get("test") else ""
@@ -174,7 +180,9 @@ def render_report(metrics: dict[str, Any], run_dir: Path, plots: list[str] | Non
     if losses:
         lines[-1:-1] = [f"Dev answer loss (−log p(gold answer), mean per row): {', '.join(losses)}."]
     if plots:
-        lines += ["## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in plots] + [""]
+        lines += ["## Plots", ""]
+        lines += [f"![{Path(p).stem.replace('_', ' ')}]({uri if inline else p})" for p, uri in plots.items()]
+        lines += [""]
     lines += [f"Run folder: `{run_dir}`", ""]
     return "\n".join(lines)
 
@@ -197,7 +205,7 @@ def _claim_run_dir(parent: Path) -> Path:
     raise RuntimeError(f"cannot find a free run folder name under {parent}")
 
 
-@task(name="write-run-folder")
+@task(name="write-run-folder", task_run_name=named_for_config("write-run-folder"))
 def write_run_folder(
     config: LoraflowConfig,
     splits: Ref,
@@ -262,7 +270,7 @@ def write_run_folder(
             shutil.rmtree(tmp, ignore_errors=True)
     create_markdown_artifact(
         key=f"{artifact_key(config.name)}-report",
-        markdown=report,
+        markdown=render_report(metrics, final, plots, inline=True),
         description=f"Evaluation of {config.name}",
     )
     create_link_artifact(
@@ -275,7 +283,7 @@ def write_run_folder(
         key=f"{artifact_key(config.name)}-metrics",
         table=[
             {
-                "model": name,
+                "model": model_names(metrics)[name],
                 "kind": m["kind"],
                 "accuracy": round(m["accuracy"], 4),
                 "macro_f1": round(m["macro_f1"], 4),

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -193,3 +193,47 @@ def link_tree(src: Path, dst: Path) -> None:
 def artifact_key(name: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "run"
+
+
+# Task run names, for the Prefect UI and the terminal: what each task run works on, where Prefect's default
+# (`evaluate-051`) says nothing. Each is a `task_run_name` callable: Prefect gives it the call's parameters.
+
+
+def config_name_of(store: str) -> str:
+    """The name of the config whose work store `store` is (tasks/paths.py `work_store`:
+    <output_dir>/<name>/work, or $LORAFLOW_WORK_DIR/<name> on a GPU worker)."""
+    path = Path(store)
+    return path.parent.name if path.name == "work" and not os.environ.get("LORAFLOW_WORK_DIR") else path.name
+
+
+def named_for_config(step: str) -> Callable[..., str]:
+    """`<step>-<config name>`, from the task's `config` or its work store (`store`)."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        config = parameters.get("config")
+        if config is not None:
+            return f"{step}-{config['name'] if isinstance(config, dict) else config.name}"
+        return f"{step}-{config_name_of(parameters['store'])}" if parameters.get("store") else step
+
+    return name
+
+
+def named_for_evaluation(kind: str | None = None) -> Callable[..., str]:
+    """`evaluate-<model>` (zero-shot, finetuned, classical, majority, champion: `kind`, else the task's own
+    `kind`), with `-test` on the test split."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        split = parameters.get("split") or "dev"
+        model = kind or parameters.get("kind") or "finetuned"
+        return f"evaluate-{model}" + ("" if split == "dev" else f"-{split}")
+
+    return name
+
+
+def named_for_file(step: str, parameter: str) -> Callable[..., str]:
+    """`<step>-<file name>`, the file being the task's `parameter` (a path)."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        return f"{step}-{Path(str(parameters[parameter])).name}"
+
+    return name

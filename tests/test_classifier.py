@@ -324,7 +324,8 @@ def test_classifier_flow_end_to_end(prefect_server: None, tmp_path: Path, tiny_m
 
     # The CLI picks the flow from the config's approach; the rerun is served from the cache.
     assert main(["run", str(path)]) == 0
-    assert "| finetuned | finetuned |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| majority class |" in out and "| fine-tuned tiny-llama0 (LoRA r=4) |" in out
     # A class weight for a label the data does not have is a user error: message, exit 2, no retry.
     assert main(["run", str(path), "--set", "classifier.class_weights={neutral: 2, nuetral: 3}"]) == 2
     assert "classifier.class_weights: 'nuetral' not among the labels" in capsys.readouterr().err

@@ -27,12 +27,12 @@ pytestmark = pytest.mark.flow
 
 
 def _task_states(flow_run_id: UUID) -> dict[str, list[str]]:
-    """Task name → state names of one flow run."""
+    """Task run name → state names of one flow run."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     states: dict[str, list[str]] = {}
     for run in runs:
-        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+        states.setdefault(run.name, []).append(run.state.name)
     return states
 
 
@@ -47,10 +47,23 @@ def test_flow_writes_a_complete_run_folder_and_reruns_from_cache(
 ) -> None:
     path = write_config(tmp_path / "task", tiny_model)
     run_dir, first = _run(path)
+    # Each task run's name says what it works on: the config, the evaluated model, the base model.
+    assert set(first) == {
+        "settle-paths-tiny-geo",
+        "ingest-tiny-geo",
+        "check-contract-tiny-geo",
+        "format-prompts-tiny-geo",
+        "evaluate-classical",
+        f"resolve-model-{tiny_model.name}",
+        "train-adapter-tiny-geo",
+        "merge-adapter-tiny-geo",
+        "evaluate-zero-shot",
+        "evaluate-finetuned",
+        "write-run-folder-tiny-geo",
+    }, first
     # Model resolution is shared by every config on the machine: an earlier test may have cached it.
-    fresh = {name: states for name, states in first.items() if name != "resolve-model"}
-    assert all(set(states) == {"Completed"} for states in fresh.values()), first
-    assert len(first["evaluate"]) == 2  # zero-shot baseline and fine-tuned
+    fresh = {name: states for name, states in first.items() if not name.startswith("resolve-model")}
+    assert all(states == ["Completed"] for states in fresh.values()), first
     run = Path(run_dir)
     assert run.parent == tmp_path / "task" / "runs" / "tiny-geo"
     for name in (
@@ -97,16 +110,18 @@ def test_flow_writes_a_complete_run_folder_and_reruns_from_cache(
     assert second_dir != run_dir
     # every step is a cache hit but the run folder and the path check (it runs each time, on purpose)
     cached = {
-        name: states for name, states in second.items() if name not in ("write-run-folder", "settle-paths")
+        name: states
+        for name, states in second.items()
+        if name not in ("write-run-folder-tiny-geo", "settle-paths-tiny-geo")
     }
-    assert second["settle-paths"] == ["Completed"]
+    assert second["settle-paths-tiny-geo"] == ["Completed"]
     assert cached and all(set(states) == {"Cached"} for states in cached.values()), second
     assert json.loads((Path(second_dir) / "metrics.json").read_text())["finetuned"] == metrics["finetuned"]
 
     shutil.rmtree(tmp_path / "task" / "runs" / "tiny-geo" / "work")  # cache records now point at nothing
     third_dir, third = _run(path)
     assert (
-        third["train-adapter"] == ["Completed"]
+        third["train-adapter-tiny-geo"] == ["Completed"]
         and (Path(third_dir) / "merged" / "model.safetensors").is_file()
     )
 
@@ -117,11 +132,11 @@ def test_changing_the_template_reruns_only_what_depends_on_it(
     path = write_config(tmp_path / "task", tiny_model)
     _run(path)
     _, states = _run(path, **{"prompt.template": "'Place list: {sample_data} / need: {requirement}'"})
-    assert states["ingest"] == ["Cached"] and states["check-contract"] == ["Cached"]
-    assert states["resolve-model"] == ["Cached"]
+    assert states["ingest-tiny-geo"] == ["Cached"] and states["check-contract-tiny-geo"] == ["Cached"]
+    assert states[f"resolve-model-{tiny_model.name}"] == ["Cached"]
     for name in ("format-prompts", "train-adapter", "merge-adapter"):
-        assert states[name] == ["Completed"], (name, states)
-    assert states["evaluate"] == ["Completed", "Completed"]
+        assert states[f"{name}-tiny-geo"] == ["Completed"], (name, states)
+    assert states["evaluate-zero-shot"] == states["evaluate-finetuned"] == ["Completed"]
 
 
 def test_a_failed_contract_stops_the_flow_before_any_model_loads(
@@ -140,8 +155,8 @@ def test_a_failed_contract_stops_the_flow_before_any_model_loads(
     with pytest.raises(DataError, match="rows_per_class_at_least"):
         state.result()
     states = _task_states(state.state_details.flow_run_id)
-    assert states["check-contract"] == ["Failed"]
-    assert "resolve-model" not in states and "train-adapter" not in states
+    assert states["check-contract-tiny-geo"] == ["Failed"]
+    assert not [name for name in states if name.startswith(("resolve-model", "train-adapter"))]
     assert not (tmp_path / "task" / "runs" / "tiny-geo" / "exchange").exists()
     assert not (tmp_path / "task" / "runs" / "tiny-geo").exists() or not any(
         p.name[0].isdigit() for p in (tmp_path / "task" / "runs" / "tiny-geo").iterdir()
@@ -155,7 +170,8 @@ def test_cli_prints_metrics_and_user_errors_exit_non_zero_without_traceback(
     # 2 steps with logging every 5: no step loss is logged, the report still has a final loss
     assert main(["run", str(path), "--set", "train.max_steps=2", "--set", "train.logging_steps=5"]) == 0
     out = capsys.readouterr().out
-    assert "| finetuned | finetuned |" in out and "run folder:" in out
+    assert "| zero-shot tiny-llama0 |" in out and "| fine-tuned tiny-llama0 (LoRA r=4) |" in out
+    assert "| classical (TF-IDF + logistic regression) |" in out and "run folder:" in out
 
     assert main(["run", str(path), "--set", "data.label_column=scor"]) == 2
     captured = capsys.readouterr()

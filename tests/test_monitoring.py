@@ -102,6 +102,7 @@ def test_the_model_card_names_the_base_model_and_the_metrics(two_runs: dict, tin
 
     config = load_config(two_runs["config"]).model_copy(update={"approach": "classifier", "prompt": None})
     metrics = {
+        "model": "acme/base",
         "finetuned": {"accuracy": 0.9, "macro_f1": 0.8, "kind": "finetuned"},
         "baseline": None,
         "labels": ["a", "b"],

@@ -131,15 +131,20 @@ def test_every_report_surface_shows_the_classical_baseline_and_the_test_split(
     assert [p["step"] for p in selection["curve"]] == [1, 2] and selection["kept"] == "best"
 
     report = (run / "report.md").read_text()
-    assert "| classical | classical |" in report and "test macro-F1" in report
+    classical = "| classical (TF-IDF + logistic regression) |"
+    assert classical in report and "test macro-F1" in report
     assert "Dev macro-F1 during training:" in report
     card = (run / "merged" / "README.md").read_text()
-    assert "| classical (classical) |" in card and "never used to select anything" in card
-    assert "| classical | classical |" in metrics_table(metrics)  # the CLI's closing table
+    assert classical in card and "never used to select anything" in card
+    assert classical in metrics_table(metrics)  # the CLI's closing table
     assert "classical F1" in runs_table(load_config(path))
     assert "| classical macro-F1 |" in compare_runs(str(run), str(run))
     rows = _table_artifact("tiny-geo-metrics")
-    assert [row["model"] for row in rows] == ["baseline", "classical", "finetuned"]
+    assert [row["model"] for row in rows] == [
+        "zero-shot tiny-llama0",
+        "classical (TF-IDF + logistic regression)",
+        "fine-tuned tiny-llama0 (LoRA r=4)",
+    ]
     assert all("test_macro_f1" in row for row in rows)
     predictions = pd.read_parquet(run / "predictions.parquet")
     assert {"baseline_predicted", "classical_predicted"} <= set(predictions.columns)

@@ -20,6 +20,7 @@ from loraflow.tasks.store import (
     Ref,
     digest_of,
     is_complete,
+    named_for_evaluation,
     step_output,
 )
 
@@ -28,7 +29,7 @@ def _rows(encoded: Ref, split: str) -> pd.DataFrame:
     return read_split(encoded, split).drop(columns=[TEXT, TEXT_PAIR, LABEL_ID], errors="ignore")
 
 
-@task(name="evaluate", cache_policy=CONTENT_CACHE)
+@task(name="evaluate", task_run_name=named_for_evaluation(), cache_policy=CONTENT_CACHE)
 def evaluate_model(
     model: Ref,
     encoded: Ref,
@@ -51,7 +52,14 @@ def evaluate_model(
     tokenizer = classifier_tokenizer(model.path)
     network = load_classifier(model.path, labels, tokenizer, dtype)
     started = time.perf_counter()
-    logits = predict_logits(network, tokenizer, dev, max_length, settings.batch_size)
+    logits = predict_logits(
+        network,
+        tokenizer,
+        dev,
+        max_length,
+        settings.batch_size,
+        progress=f"scoring {split} rows, {kind.replace('finetuned', 'fine-tuned')}",
+    )
     seconds = time.perf_counter() - started
     truncated = tokenize(tokenizer, dev, max_length)[1]
     save_evaluation(
@@ -66,7 +74,7 @@ def evaluate_model(
     return result
 
 
-@task(name="majority-baseline", cache_policy=CONTENT_CACHE)
+@task(name="majority-baseline", task_run_name=named_for_evaluation("majority"), cache_policy=CONTENT_CACHE)
 def evaluate_baseline(encoded: Ref, store: str, split: str = "dev") -> Ref:
     """The baseline a classifier must beat: always the most frequent train label (its train share as
     probabilities)."""

@@ -19,6 +19,7 @@ from loraflow.tasks.store import (
     Ref,
     digest_of,
     is_complete,
+    named_for_config,
     step_output,
 )
 
@@ -37,7 +38,7 @@ def card_usage(sentence_pair: bool) -> CardUsage:
     return CardUsage(pipeline_tag="text-classification", usage=usage)
 
 
-@task(name="merge-classifier", cache_policy=CONTENT_CACHE)
+@task(name="merge-classifier", task_run_name=named_for_config("merge-classifier"), cache_policy=CONTENT_CACHE)
 def merge_adapter(adapter: Ref, model: Ref, encoded: Ref, max_length: int, dtype: str, store: str) -> Ref:
     """Write `merged/` (base + LoRA folded in + the trained head, label names in config.json) after
     checking that it gives the adapter model's logits."""

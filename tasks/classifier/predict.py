@@ -18,4 +18,6 @@ def probabilities(folder: Path, manifest: ModelManifest, frame: pd.DataFrame, ba
     tokenizer = classifier_tokenizer(folder)
     model = load_classifier(folder, manifest.labels, tokenizer, "auto")
     inputs = join_inputs(frame, manifest.columns, manifest.template)
-    return softmax(predict_logits(model, tokenizer, inputs, manifest.max_length, batch_size, progress=True))
+    return softmax(
+        predict_logits(model, tokenizer, inputs, manifest.max_length, batch_size, progress="labelling rows")
+    )

@@ -20,6 +20,7 @@ from loraflow.tasks.store import (
     building,
     digest_of,
     is_complete,
+    named_for_config,
     step_output,
 )
 
@@ -40,7 +41,7 @@ def join_inputs(frame: pd.DataFrame, columns: list[str], template: str | None) -
     return out
 
 
-@task(name="map-labels", cache_policy=CONTENT_CACHE)
+@task(name="map-labels", task_run_name=named_for_config("map-labels"), cache_policy=CONTENT_CACHE)
 def prepare_inputs(splits: Ref, columns: list[str], classifier: ClassifierSettings, store: str) -> Ref:
     """Write train/dev parquet files with the model inputs (`text`, `text_pair`), `label_id`, labels.json."""
     key = digest_of("labels", splits.digest, columns, classifier.template)

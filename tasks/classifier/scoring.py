@@ -1,5 +1,5 @@
-"""The classifier's model and its scoring (torch and a tokenizer only): the tokenizer with a pair
-separator, tokenizing rows, loading a sequence-classification model, and batched logits.
+"""The classifier's model and its scoring (torch, a tokenizer and a progress display only): the tokenizer
+with a pair separator, tokenizing rows, loading a sequence-classification model, and batched logits.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from loraflow.console import ProgressDisplay
 from loraflow.tasks.classifier.prepare import TEXT, TEXT_PAIR
 from loraflow.tasks.models import load_tokenizer, pick_dtype, trusts_code
 
@@ -84,20 +84,21 @@ def predict_logits(
     frame: pd.DataFrame,
     max_length: int,
     batch_size: int = 16,
-    progress: bool = False,
+    progress: str | None = None,
 ) -> np.ndarray:
-    """(rows × labels) logits, in row order; rows are sorted by length so that a batch pads little."""
+    """(rows × labels) logits, in row order; rows are sorted by length so that a batch pads little.
+    `progress` is the progress display's description (None: none shown)."""
     tokens, _ = tokenize(tokenizer, frame, max_length)
     features = [{k: v[i] for k, v in tokens.items()} for i in range(len(frame))]
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     device = next(model.parameters()).device
     logits = np.zeros((len(features), model.config.num_labels), dtype=np.float64)
-    for start in tqdm(
-        range(0, len(order), batch_size), desc="predicting", unit="batch", disable=not progress
-    ):
-        index = order[start : start + batch_size]
-        batch = tokenizer.pad([features[i] for i in index], return_tensors="pt").to(device)
-        logits[index] = model(**batch).logits.float().cpu().numpy()
+    with ProgressDisplay(progress, len(order), "rows") as shown:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch = tokenizer.pad([features[i] for i in index], return_tensors="pt").to(device)
+            logits[index] = model(**batch).logits.float().cpu().numpy()
+            shown.update(start + len(index))
     if not np.isfinite(logits).all():
         raise RuntimeError(
             "classifier logits are not finite (NaN/inf): the model's weights or dtype are broken"

@@ -43,6 +43,7 @@ from loraflow.tasks.store import (
     CONTENT_CACHE,
     Ref,
     digest_of,
+    named_for_config,
     retry_unless_user_error,
     step_output,
 )
@@ -135,6 +136,7 @@ def fit_classifier(
 
 @task(
     name="train-classifier-head",
+    task_run_name=named_for_config("train-classifier-head"),
     cache_policy=CONTENT_CACHE,
     retries=1,
     retry_delay_seconds=5,

@@ -15,10 +15,10 @@ from loraflow.tasks.generative.scoring import score_labels
 from loraflow.tasks.ingest import LABEL
 from loraflow.tasks.metrics import save_evaluation, softmax
 from loraflow.tasks.models import load_causal_lm, load_tokenizer
-from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, step_output
+from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, named_for_evaluation, step_output
 
 
-@task(name="evaluate", cache_policy=CONTENT_CACHE)
+@task(name="evaluate", task_run_name=named_for_evaluation(), cache_policy=CONTENT_CACHE)
 def evaluate_model(
     model: Ref, prompts: Ref, kind: str, settings: EvalSettings, dtype: str, store: str, split: str = "dev"
 ) -> Ref:
@@ -32,7 +32,14 @@ def evaluate_model(
     tokenizer = load_tokenizer(model.path)
     network = load_causal_lm(model.path, dtype)
     started = time.perf_counter()
-    scores = score_labels(network, tokenizer, dev[PROMPT].tolist(), answers, settings.batch_size)
+    scores = score_labels(
+        network,
+        tokenizer,
+        dev[PROMPT].tolist(),
+        answers,
+        settings.batch_size,
+        progress=f"scoring {split} rows, {kind.replace('finetuned', 'fine-tuned')}",
+    )
     seconds = time.perf_counter() - started
     gold = [labels.index(label) for label in dev[LABEL]]
     loss = float(-scores[np.arange(len(gold)), gold].mean())  # the dev loss: -log p(gold answer), per row

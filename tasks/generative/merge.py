@@ -12,7 +12,7 @@ from loraflow.tasks.generative.scoring import score_labels
 from loraflow.tasks.manifest import CardUsage, ModelManifest
 from loraflow.tasks.merging import CHECK_ROWS, load_adapter, merge_checked, save_merged
 from loraflow.tasks.models import load_causal_lm, load_tokenizer, trusts_code
-from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, step_output
+from loraflow.tasks.store import CONTENT_CACHE, Ref, digest_of, is_complete, named_for_config, step_output
 
 CARD = CardUsage(
     pipeline_tag="text-generation",
@@ -25,7 +25,7 @@ CARD = CardUsage(
 )
 
 
-@task(name="merge-adapter", cache_policy=CONTENT_CACHE)
+@task(name="merge-adapter", task_run_name=named_for_config("merge-adapter"), cache_policy=CONTENT_CACHE)
 def merge_adapter(
     adapter: Ref, model: Ref, prompts: Ref, prompt: PromptSettings, dtype: str, store: str
 ) -> Ref:

@@ -19,4 +19,4 @@ def probabilities(folder: Path, manifest: ModelManifest, frame: pd.DataFrame, ba
     tokenizer, model = load_tokenizer(folder), load_causal_lm(folder, "auto").eval()
     prompts = [build_messages(manifest.prompt, row) for row in frame.to_dict("records")]
     answers = manifest.answers  # in label order
-    return softmax(score_labels(model, tokenizer, prompts, answers, batch_size, progress=True))
+    return softmax(score_labels(model, tokenizer, prompts, answers, batch_size, progress="labelling rows"))

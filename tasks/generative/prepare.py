@@ -16,7 +16,15 @@ from prefect import task
 
 from loraflow.config import LabelKey, PromptSettings, normalize_label, render
 from loraflow.tasks.ingest import LABEL, read_meta, read_split, split_names
-from loraflow.tasks.store import CONTENT_CACHE, Ref, building, digest_of, is_complete, step_output
+from loraflow.tasks.store import (
+    CONTENT_CACHE,
+    Ref,
+    building,
+    digest_of,
+    is_complete,
+    named_for_config,
+    step_output,
+)
 
 PROMPT = "prompt"  # list of {"role", "content"} messages: system (optional) + user
 COMPLETION = "completion"  # one assistant message holding the label's answer
@@ -35,7 +43,7 @@ def answer_map(labels: list[str], answers: dict[LabelKey, str]) -> dict[str, str
     return {label: given.get(label, label) for label in labels}
 
 
-@task(name="format-prompts", cache_policy=CONTENT_CACHE)
+@task(name="format-prompts", task_run_name=named_for_config("format-prompts"), cache_policy=CONTENT_CACHE)
 def prepare_inputs(splits: Ref, prompt: PromptSettings, answers: dict[LabelKey, str], store: str) -> Ref:
     """Write train/dev(/test) parquet files with `prompt` and `completion` messages, plus answers.json."""
     key = digest_of("prompts", splits.digest, prompt, {str(k): v for k, v in answers.items()})

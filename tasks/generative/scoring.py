@@ -1,5 +1,6 @@
-"""Label scoring: every label's answer scored as the continuation of a chat prompt (torch and a tokenizer
-only, no orchestration: the evaluate and predict tasks, the merge check and bench/gpu.py use it).
+"""Label scoring: every label's answer scored as the continuation of a chat prompt (torch, a tokenizer and
+a progress display only, no orchestration: the evaluate and predict tasks, the merge check and bench/gpu.py
+use it).
 
 For each row, the sum of the answer tokens' log-probs is computed for every label in one batched forward
 pass per group of sequences; the prediction is the argmax and the probabilities the softmax over labels.
@@ -15,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from loraflow.console import ProgressDisplay
 
 
 def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
@@ -92,9 +94,10 @@ def score_labels(
     prompts: list[list[dict[str, str]]],
     answers: list[str],
     batch_size: int = 16,
-    progress: bool = False,
+    progress: str | None = None,
 ) -> np.ndarray:
-    """(rows × labels) sums of the answer tokens' log-probs given each prompt.
+    """(rows × labels) sums of the answer tokens' log-probs given each prompt; `progress` is the progress
+    display's description (None: none shown).
 
     The opening all prompts share (system message, the template's fixed text) is run once and its KV cache
     reused; the rest of each prompt is run once per row; its KV cache is repeated for the labels, and only
@@ -125,49 +128,53 @@ def score_labels(
         prefix_cache = model(input_ids=torch.tensor([shared], device=device), use_cache=True).cache
     cut = len(shared)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
-    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
-        index = order[start : start + batch_size]
-        ids, own = _left_pad([rows[i][0][cut:] for i in index], pad, device)
-        mask = torch.cat([torch.ones(len(index), cut, dtype=own.dtype, device=device), own], dim=1)
-        positions = cut + (own.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(index))
-        prompt_out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        continuations = [rows[i][1][j] for i in index for j in range(k)]
-        width = max(len(c) for c in continuations)
-        first = (
-            prompt_out.logits[:, -1:].float().repeat_interleave(k, dim=0)
-        )  # predicts each answer's 1st token
-        targets = torch.tensor([c + [pad] * (width - len(c)) for c in continuations], device=device)
-        if width == 1:
-            logits = first
-        else:
-            cache = prompt_out.cache
-            cache.batch_repeat_interleave(k)
-            extra_mask = torch.tensor(
-                [[1] * len(c) + [0] * (width - len(c)) for c in continuations], device=device
-            )
-            lengths = mask.sum(-1).repeat_interleave(k)[:, None]
-            answer_out = model(
-                input_ids=targets,
-                attention_mask=torch.cat([mask.repeat_interleave(k, dim=0), extra_mask], dim=1),
-                position_ids=lengths + torch.arange(width, device=device)[None, :],
+    with ProgressDisplay(progress, len(order), "rows") as shown:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            ids, own = _left_pad([rows[i][0][cut:] for i in index], pad, device)
+            mask = torch.cat([torch.ones(len(index), cut, dtype=own.dtype, device=device), own], dim=1)
+            positions = cut + (own.cumsum(-1) - 1).clamp(min=0)
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(index))
+            prompt_out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
                 cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-            logits = torch.cat([first, answer_out.logits[:, :-1].float()], dim=1)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1).cpu().numpy()
-        for position, (i, j) in enumerate((i, j) for i in index for j in range(k)):
-            length, scored = len(rows[i][1][j]), rows[i][2][j]
-            scores[i, j] = logprobs[position, length - scored : length].sum()
+            continuations = [rows[i][1][j] for i in index for j in range(k)]
+            width = max(len(c) for c in continuations)
+            first = (
+                prompt_out.logits[:, -1:].float().repeat_interleave(k, dim=0)
+            )  # predicts each answer's 1st token
+            targets = torch.tensor([c + [pad] * (width - len(c)) for c in continuations], device=device)
+            if width == 1:
+                logits = first
+            else:
+                cache = prompt_out.cache
+                cache.batch_repeat_interleave(k)
+                extra_mask = torch.tensor(
+                    [[1] * len(c) + [0] * (width - len(c)) for c in continuations], device=device
+                )
+                lengths = mask.sum(-1).repeat_interleave(k)[:, None]
+                answer_out = model(
+                    input_ids=targets,
+                    attention_mask=torch.cat([mask.repeat_interleave(k, dim=0), extra_mask], dim=1),
+                    position_ids=lengths + torch.arange(width, device=device)[None, :],
+                    cache=cache,
+                )
+                logits = torch.cat([first, answer_out.logits[:, :-1].float()], dim=1)
+            logprobs = (
+                torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1).cpu().numpy()
+            )
+            for position, (i, j) in enumerate((i, j) for i in index for j in range(k)):
+                length, scored = len(rows[i][1][j]), rows[i][2][j]
+                scores[i, j] = logprobs[position, length - scored : length].sum()
+            shown.update(start + len(index))
     if not np.isfinite(scores).all():
         raise RuntimeError("label scores are not finite (NaN/inf): the model's weights or dtype are broken")
     return scores

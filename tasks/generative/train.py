@@ -44,6 +44,7 @@ from loraflow.tasks.store import (
     CONTENT_CACHE,
     Ref,
     digest_of,
+    named_for_config,
     retry_unless_user_error,
     step_output,
 )
@@ -224,6 +225,7 @@ def train_into(job: GenerativeTrainJob) -> None:
 
 @task(
     name="train-adapter",
+    task_run_name=named_for_config("train-adapter"),
     cache_policy=CONTENT_CACHE,
     retries=1,
     retry_delay_seconds=5,
