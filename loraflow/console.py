@@ -44,12 +44,9 @@ class _NoLibraryLines(logging.Filter):
 
 
 def quiet_library_logs() -> None:
-    """Keep library log lines off the console: the stderr handlers the libraries install for themselves are
-    removed (their records go on to the Prefect run log and, for errors, to Prefect's console handler), and
-    every console handler drops library records below ERROR. Call it once the libraries are imported; a
-    no-op with `-v`."""
-    if verbose():
-        return
+    """Library log lines go through Prefect's handlers: the stderr handlers the libraries install for
+    themselves are removed, so their records go on to the Prefect run log and to Prefect's console handler,
+    which (unless `-v`) drops library records below ERROR. Call it once the libraries are imported."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for name in LIBRARIES:
@@ -58,6 +55,8 @@ def quiet_library_logs() -> None:
             if type(handler) is logging.StreamHandler:  # the library's own, not Prefect's
                 logger.removeHandler(handler)
         logger.propagate = True
+    if verbose():
+        return
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler | logging.StreamHandler) and not any(
             isinstance(f, _NoLibraryLines) for f in handler.filters

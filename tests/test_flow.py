@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from uuid import UUID
@@ -180,24 +177,6 @@ def test_cli_prints_metrics_and_user_errors_exit_non_zero_without_traceback(
 
     assert main(["validate", str(path), "--set", "lora.rank=4"]) == 2
     assert "lora.rank: unknown key (did you mean 'r'?)" in capsys.readouterr().err
-
-
-def test_user_error_in_a_real_terminal_run_has_no_traceback(tmp_path: Path, tiny_model: Path) -> None:
-    """The CLI in its own process (its own Prefect server and console handlers), as a user runs it."""
-    path = write_config(tmp_path / "task", tiny_model)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
-    env.pop("PREFECT_API_URL", None)  # not the test harness's server
-    done = subprocess.run(
-        [sys.executable, "-m", "loraflow.cli", "validate", str(path), "--set", "data.label_column=scor"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert done.returncode == 2
-    assert "loraflow: error:" in done.stderr and "(did you mean 'score'?)" in done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_each_training_log_line_is_written_once(

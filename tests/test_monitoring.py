@@ -3,7 +3,10 @@ and `loraflow runs` / `loraflow compare` over two real tiny runs."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -89,6 +92,29 @@ def test_plots_are_pngs_referenced_from_the_report_and_tensorboard_has_the_loss(
     losses = [metrics[kind]["answer_loss"] for kind in ("baseline", "finetuned")]  # the dashed lines
     assert all(loss > 0 for loss in losses)
     assert f"Dev answer loss (−log p(gold answer), mean per row): zero-shot {losses[0]:.4f}" in report
+
+
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)|<img\b[^>]*\bsrc=[\"']([^\"']+)")
+
+
+def test_the_report_artifact_read_back_from_the_server_shows_every_plot_inline(two_runs: dict) -> None:
+    """The Prefect UI cannot fetch files from the run folder: every image of the report artifact is a data URI
+    (or an http(s) URL) that decodes to a valid image, small enough to live in Prefect's database."""
+    [report] = [a for a in _artifacts(two_runs["states"][0]) if a.key == "tiny-geo-report"]
+    sources = [link or src for link, src in IMAGE.findall(report.data)]
+    assert len(sources) == len(PLOTS)  # the loss curve, the confusion matrix, per-class F1
+    for source in sources:
+        assert source.startswith(("data:image/png;base64,", "data:image/svg+xml", "http://", "https://"))
+        assert source.startswith("data:image/png;base64,"), source[:40]  # what loraflow embeds
+        png = base64.b64decode(source.split(",", 1)[1], validate=True)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(io.BytesIO(png)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.mode == "P" and 300 < image.size[0] < 1000 and image.size[1] > 200
+    assert sum(len(s) for s in sources) < 60_000  # the three, base64, in the artifact's database row
+    on_disk = (two_runs["runs"][0] / "report.md").read_text()
+    assert "data:" not in on_disk and all(f"]({relative})" in on_disk for relative in PLOTS.values())
 
 
 def test_the_model_card_names_the_base_model_and_the_metrics(two_runs: dict, tiny_model: Path) -> None:

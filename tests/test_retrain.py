@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
 import loraflow.flows.retrain
 from loraflow.cli import main
@@ -32,8 +34,16 @@ def test_retrain_promotes_skips_unchanged_data_and_keeps_a_better_champion(
     path = write_config(tmp_path / "task", tiny_model)
     home = tmp_path / "task" / "models" / "tiny-geo"
 
-    first = retrain(load_config(path))
+    state = retrain(load_config(path), return_state=True)
+    first = state.result()
     assert first["decision"] == "promoted" and "champion" not in first
+    with get_client(sync_client=True) as client:  # the training run it started says what it is
+        [challenger] = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    assert challenger.name == "tiny-geo-challenger-1"
     production = home / "production"
     assert production.is_symlink() and (production / "model.safetensors").is_file()
     assert (production / "MANIFEST.json").is_file()
