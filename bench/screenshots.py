@@ -3,9 +3,9 @@
 What a user watching a run in the Prefect UI sees, as PNG screenshots from a real browser: a real
 `prefect server start` (UI on) on a free port with its own PREFECT_HOME, one `loraflow run` of the embedded
 geo example against it (a few training steps: the point is the pages, not the model), then headless
-Chromium on the flow run's page and on its report artifact. Writes flow-run.png, task-runs.png,
-report-artifact.png and pages.json (the URLs and the task run names) to --out. A few minutes on 2 CPU
-cores; outside CI.
+Chromium on the flow run's page (the task graph, named task runs, the log) and on its report artifact.
+Writes flow-run.png, report-artifact.png and pages.json (the URLs and the task run names) to --out. A few
+minutes on 2 CPU cores; outside CI.
 
 Chromium: `apt-get install -y chromium` (Debian), or set CHROMIUM to a Chrome/Chromium binary.
 """
@@ -109,12 +109,6 @@ def main() -> None:
         pages = _pages(env)
         base = f"http://127.0.0.1:{port}"
         _screenshot(browser, f"{base}/runs/flow-run/{pages['flow_run']}", args.out / "flow-run.png", 1400)
-        _screenshot(
-            browser,
-            f"{base}/runs/flow-run/{pages['flow_run']}?tab=Task+Runs",
-            args.out / "task-runs.png",
-            1100,
-        )
         _screenshot(
             browser, f"{base}/artifacts/artifact/{pages['report']}", args.out / "report-artifact.png", 3200
         )

@@ -199,9 +199,10 @@ class _LogToPrefect(TrainerCallback):
                 if state.global_step
                 else f"{state.max_steps} steps"
             )
-            self.logger.info(
-                "training %s: %g epoch(s), %d rows per step", steps, state.num_train_epochs, per_step
-            )
+            loader = kwargs.get("train_dataloader")
+            rows = len(loader.dataset) if loader is not None and hasattr(loader.dataset, "__len__") else 0
+            epochs = f"{state.max_steps * per_step / rows:.3g} epochs of {rows} rows, " if rows else ""
+            self.logger.info("training %s (%s%d rows per step)", steps, epochs, per_step)
             self.started, self.first_step = time.monotonic(), state.global_step
             self.artifact = create_progress_artifact(
                 100 * state.global_step / max(state.max_steps, 1),

@@ -132,7 +132,9 @@ def plot_f1(labels: list[str], models: dict[str, dict[str, Any]], path: Path) ->
     axes = figure.add_subplot()
     for i, (name, m) in enumerate(models.items()):
         scores = [m["per_class"][label]["f1"] for label in labels]
-        shown = "fine-tuned" if name == "finetuned" else f"{name} ({m['kind']})"
+        shown = {"finetuned": "fine-tuned", "classical": "classical"}.get(
+            name, m["kind"]
+        )  # or zero-shot, majority
         offset = (i - (len(models) - 1) / 2) * width
         axes.bar(x + offset, scores, width, label=shown, color=F1_COLOURS.get(name, "tab:green"))
     axes.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0)

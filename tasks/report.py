@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from loraflow.config import CONFIGS, LoraflowConfig
 from loraflow.loading import dump_config
-from loraflow.tasks.card import base_model_origin, model_names, render_model_card
+from loraflow.tasks.card import base_model_origin, model_names, render_model_card, short_model_name
 from loraflow.tasks.ingest import read_meta, split_names
 from loraflow.tasks.lora import read_train_stats
 from loraflow.tasks.manifest import ModelManifest
@@ -122,7 +122,7 @@ def render_report(
     test_rows = f", test rows: {metrics['n_test']}" if metrics.get("test") else ""
     others = [(name, metrics[name]) for name in ("baseline", "classical") if metrics.get(name)]
     lines = [
-        f"# {metrics['config']}: {metrics['approach']} fine-tune of {metrics['model']}",
+        f"# {metrics['config']}: {metrics['approach']} fine-tune of {short_model_name(metrics['model'])}",
         "",
         f"Train rows: {metrics['n_train']}, dev rows: {metrics['n_dev']}{test_rows}, labels: "
         f"{', '.join(labels)}.",
