@@ -28,7 +28,6 @@ QUIET_LIBRARIES = {  # read by huggingface_hub (and transformers, through it) an
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
 LIBRARIES = ("transformers", "datasets", "peft", "trl", "accelerate", "great_expectations", "huggingface_hub")
-OWN = ("prefect", "loraflow")  # loggers whose lines are the run's own story
 
 
 def verbose() -> bool:
@@ -37,10 +36,11 @@ def verbose() -> bool:
 
 
 class _NoLibraryLines(logging.Filter):
-    """On a console handler: library records below ERROR are dropped (the run log keeps them)."""
+    """On a console handler: records below ERROR from the LIBRARIES are dropped (the run log keeps them);
+    every other logger's warnings still show, as Python shows them by default."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or record.name.split(".")[0] in OWN or verbose()
+        return record.levelno >= logging.ERROR or record.name.split(".")[0] not in LIBRARIES or verbose()
 
 
 def quiet_library_logs() -> None:

@@ -59,6 +59,8 @@ def build_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraC
         target_modules=lora.target_modules,
         bias="none",
         task_type=task_type,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
     )
 
 

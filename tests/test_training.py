@@ -66,6 +66,31 @@ def test_lora_weights_move_and_base_weights_do_not(prepared: tuple, tmp_path: Pa
     assert moved > 0 and kept == len(base)
 
 
+@pytest.mark.parametrize("variant", ["use_dora", "use_rslora"])
+def test_dora_and_rslora_adapters_train_and_merge_into_the_same_model(prepared: tuple, variant: str) -> None:
+    prompts, model, prompt, store = prepared
+    lora = LoraSettings(r=4, **{variant: True})
+    adapter = train_adapter.fn(prompts, model, lora, TRAIN, "float32", store)
+    folder = Path(adapter.path) / "adapter"
+    assert json.loads((folder / "adapter_config.json").read_text())[variant] is True
+    trained = load_file(folder / "adapter_model.safetensors")
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in trained.items())
+    if variant == "use_dora":  # the magnitude of each adapted weight, learnt apart from its direction
+        assert any("lora_magnitude_vector" in name for name in trained)
+    merged = merge_adapter.fn(adapter, model, prompts, prompt, "float32", store)
+    tokenizer = load_tokenizer(merged.path)
+    rows = read_prompts(prompts, "dev")[PROMPT].tolist()
+    adapted = PeftModel.from_pretrained(load_causal_lm(model.path, "float32"), str(folder)).eval()
+    merged_scores = score_labels(
+        AutoModelForCausalLM.from_pretrained(merged.path).eval(), tokenizer, rows, ["No", "Yes"]
+    )
+    np.testing.assert_allclose(
+        merged_scores, score_labels(adapted, tokenizer, rows, ["No", "Yes"]), atol=1e-4
+    )
+    plain = score_labels(load_causal_lm(model.path, "float32"), tokenizer, rows, ["No", "Yes"])
+    assert np.abs(merged_scores - plain).max() > 1e-3
+
+
 @pytest.mark.parametrize("answers", [["Yes", "No way at all", "maybe"], ["Yes", "Yes please", "No"]])
 @pytest.mark.parametrize("system", ["", "You judge places. Answer Yes or No, and nothing else, please."])
 def test_label_scores_match_an_unbatched_reference(tiny_model: Path, system: str, answers: list[str]) -> None:
