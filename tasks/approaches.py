@@ -54,10 +54,13 @@ def _evaluations(
 def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outputs:
     dtype, processes, settings = config.model.dtype, config.compute.processes, config.eval
     model = resolve_model(config.model, default_cache_dir())
+    quantization = config.model.quantization
     adapter = generative_train.train_adapter(
-        prompts, model, config.lora, config.train, dtype, store, processes, settings.batch_size
+        prompts, model, config.lora, config.train, dtype, store, processes, settings.batch_size, quantization
     )
-    merged = generative_merge.merge_adapter(adapter, model, prompts, config.prompt, dtype, store)
+    merged = generative_merge.merge_adapter(
+        adapter, model, prompts, config.prompt, dtype, store, quantization
+    )
     evaluations = _evaluations(
         prompts,  # the base model, zero-shot, with the same prompt
         (lambda split: generative_evaluate.evaluate_baseline(model, prompts, settings, dtype, store, split))
@@ -84,8 +87,11 @@ def _fit_classifier(config: ClassifierConfig, encoded: Ref, store: str) -> Outpu
         store,
         processes,
         settings.batch_size,
+        config.model.quantization,
     )
-    merged = classifier_merge.merge_adapter(adapter, model, encoded, max_length, dtype, store)
+    merged = classifier_merge.merge_adapter(
+        adapter, model, encoded, max_length, dtype, store, config.model.quantization
+    )
     evaluations = _evaluations(
         encoded,
         (lambda split: classifier_evaluate.evaluate_baseline(encoded, store, split))

@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +58,9 @@ class TrainJob(BaseModel):
 
     folder: Path = Field(description="Where the finished adapter folder goes (the work store's train-<key>).")
     model: Ref = Field(description="The resolved base model.")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="model.quantization: the base is trained quantised (QLoRA)."
+    )
     lora: LoraSettings
     train: TrainSettings
     dtype: str = Field(description="model.dtype of the config.")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.exceptions import MissingContextError
@@ -43,11 +43,21 @@ from loraflow.config import LoraSettings, TrainSettings
 from loraflow.console import ProgressDisplay
 from loraflow.errors import ConfigError, ResourceError
 from loraflow.tasks.metrics import classification_metrics
+from loraflow.tasks.models import peft_quietly
 from loraflow.tasks.store import (
     Ref,
     building,
     run_logger,
 )
+
+
+def for_training(model: Any, train: TrainSettings) -> Any:
+    """A quantised base made ready for LoRA training as peft prescribes for QLoRA (layer norms and embeddings
+    in float32, input gradients for checkpointing); other models as they are."""
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return model
+    with peft_quietly():
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
 
 
 def build_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> LoraConfig:

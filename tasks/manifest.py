@@ -36,7 +36,10 @@ class ModelManifest(BaseModel):
     labels: list[str] = Field(description="Labels in id / answer order.")
     columns: list[str] = Field(description="The table columns the model reads.")
     trust_remote_code: bool = False
-    merge_check: dict[str, float] = Field(default_factory=dict, description="Rows and max |Δ| of the merge.")
+    merge_check: dict[str, float | str] = Field(
+        default_factory=dict,
+        description="Rows and max |Δ| of the merge, and the model it was checked against.",
+    )
     card: CardUsage | None = None
     # the generative approach
     prompt: PromptSettings | None = None

@@ -21,6 +21,10 @@ CHECK_ROWS = 4
 
 
 TOLERANCE = 1e-3  # absolute, on summed log-probs or logits in float32
+# A quantised layer computes with its own kernels (the CPU's packs NF4 weights its own way, int8 rounds the
+# inputs to float16): against the same de-quantised weights in float32 it differs by a few 1e-3 on a tiny
+# random model's logits (tests/test_training.py measures it); 5e-2 is an order of magnitude above that.
+QUANTIZED_TOLERANCE = 5e-2
 
 
 def load_adapter(base: Any, folder: Path) -> PeftModel:
@@ -29,9 +33,27 @@ def load_adapter(base: Any, folder: Path) -> PeftModel:
         return PeftModel.from_pretrained(base, str(folder)).eval()
 
 
-def merge_checked(adapted: PeftModel, outputs: Callable[[Any], np.ndarray]) -> tuple[Any, float]:
+def checked_against(quantization: str) -> str:
+    """What a merge's outputs were compared with (loraflow.json's merge_check.against)."""
+    return "the adapter model" if quantization == "none" else f"the {quantization}-quantised adapter model"
+
+
+def merge_checked(
+    adapted: PeftModel, outputs: Callable[[Any], np.ndarray], reference: np.ndarray | None = None
+) -> tuple[Any, float]:
     """Fold the adapter into the base weights; `outputs(model)` (scores or logits on a few dev rows) must
-    agree before and after within TOLERANCE, else nothing is saved. Returns (merged model, max difference)."""
+    agree before and after within TOLERANCE, else nothing is saved. Returns (merged model, max difference).
+    `reference`: the outputs the merged model must match instead of the adapted model's (those of the
+    quantised model the adapter was trained on), within QUANTIZED_TOLERANCE."""
+    if reference is not None:
+        merged = adapted.merge_and_unload().eval()
+        difference = float(np.max(np.abs(reference - outputs(merged)))) if reference.size else 0.0
+        if difference > QUANTIZED_TOLERANCE:
+            raise RuntimeError(
+                f"the de-quantised merged model's outputs differ from the quantised adapter model's by "
+                f"{difference:.2e} (> {QUANTIZED_TOLERANCE}); the merge is not saved"
+            )
+        return merged, difference
     before = outputs(adapted)
     merged = adapted.merge_and_unload().eval()
     after = outputs(merged)

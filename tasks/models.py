@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import ModelSettings
-from loraflow.errors import ModelError
+from loraflow.errors import ConfigError, ModelError
 from loraflow.tasks.card import short_model_name
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.store import (
@@ -108,16 +108,94 @@ def peft_quietly() -> Iterator[None]:
         yield
 
 
-def load_causal_lm(path: str | Path, dtype: str = "auto") -> Any:
-    """A causal LM from a resolved folder, on the best device, in eval mode."""
+def device() -> str:
+    """Where models run: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require_bitsandbytes(quantization: str, compute: torch.dtype) -> None:
+    """bitsandbytes is installed and runs `quantization` on this machine's device (its CPU backend runs
+    both since 0.48; older ones, or a broken CUDA setup, do not): else a ConfigError with the fix. The probe
+    is one 64 × 64 quantised layer's forward pass."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"model.quantization: {quantization} needs bitsandbytes: pip install 'loraflow[qlora]' "
+            "(or set model.quantization: none)"
+        )
+    import bitsandbytes as bnb
+
+    where = device()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "inputs will be cast", "kernels not installed": not for users
+            if quantization == "4bit":
+                layer = bnb.nn.Linear4bit(64, 64, compute_dtype=compute, quant_type="nf4")
+            else:
+                layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+            layer.to(where)(torch.randn(2, 64, dtype=compute, device=where))
+    except Exception as e:  # whatever the backend raises: the message says which and what to do
+        raise ConfigError(
+            f"model.quantization: bitsandbytes {bnb.__version__} cannot run {quantization} on this "
+            f"machine's {where} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); upgrade it "
+            "(pip install -U 'loraflow[qlora]'), train on a GPU, or set model.quantization: none"
+        ) from e
+
+
+def quantization_config(quantization: str, dtype: str, keep_in_full: list[str] | None = None) -> Any | None:
+    """transformers' BitsAndBytesConfig for model.quantization (None for "none"): 4bit = NF4 with double
+    quantisation, computing in the model's dtype (QLoRA); 8bit = LLM.int8(). `keep_in_full` names modules
+    left unquantised (a classification head); by default transformers keeps the LM head."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = pick_dtype(dtype)
+    require_bitsandbytes(quantization, compute)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=keep_in_full,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_in_full)
+
+
+def quantized_loading(quantization: str, dtype: str, keep_in_full: list[str] | None = None) -> dict[str, Any]:
+    """`from_pretrained` arguments for a quantised load (placed on the device as it loads: a quantised model
+    cannot be moved after), or {} for "none"."""
+    config = quantization_config(quantization, dtype, keep_in_full)
+    return {"quantization_config": config, "device_map": {"": device()}} if config else {}
+
+
+def load_causal_lm(path: str | Path, dtype: str = "auto", quantization: str = "none") -> Any:
+    """A causal LM from a resolved folder, on the best device, in eval mode; quantised with
+    model.quantization."""
     from transformers import AutoModelForCausalLM
 
+    loading = quantized_loading(quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=pick_dtype(dtype), trust_remote_code=trusts_code(path)
+        path, dtype=pick_dtype(dtype), trust_remote_code=trusts_code(path), **loading
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return (model if loading else model.to(device())).eval()
+
+
+def dequantized(model: Any) -> Any:
+    """A quantised model with every quantised layer replaced by a plain one holding its de-quantised weights
+    (in the compute dtype): what an adapter trained on it is merged into; other models as they are."""
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return model
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "the modules are dequantized in float32": what was asked
+    try:
+        return model.dequantize()
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _convert_embedded(name: str, cache_dir: Path) -> Ref:

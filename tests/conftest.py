@@ -44,6 +44,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_model_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with hidden size 64: bitsandbytes quantises weights in blocks of 64 inputs."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
+
+
 def write_config(folder: Path, model: Path, **sections: dict) -> Path:
     """A geo-shaped config in `folder` with train/dev .xlsx written by openpyxl; sections override."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from loraflow.tasks.classifier.scoring import classifier_tokenizer, load_classif
 from loraflow.tasks.classifier.train import class_weights, train_adapter, weighted_cross_entropy
 from loraflow.tasks.contracts import check_contract
 from loraflow.tasks.ingest import ingest_table, read_split
+from loraflow.tasks.merging import QUANTIZED_TOLERANCE
 from loraflow.tasks.models import load_tokenizer
 from loraflow.tasks.store import Ref
 from tests.tiny import build_tiny_bert
@@ -250,6 +251,36 @@ def test_head_survives_merge_and_reload_and_pipeline_names_the_labels(encoded: t
     assert sum(a["score"] for a in answer) == pytest.approx(1.0, abs=1e-5)
     best = labels[int(merged_logits[0].argmax())]
     assert classify({"text": row[TEXT], "text_pair": row[TEXT_PAIR]})["label"] == best
+
+
+def test_a_4bit_classifier_keeps_its_head_in_full_precision_and_merges_into_a_standard_model(
+    tmp_path: Path, tiny_model_64: Path
+) -> None:
+    config = load_config(write_pair_config(tmp_path / "task", tiny_model_64))
+    store = str(tmp_path / "store")
+    splits = ingest_table.fn(config.data, config.input_columns, store)
+    ref = prepare_inputs.fn(splits, config.input_columns, config.classifier, store)
+    model = Ref(path=str(tiny_model_64), digest="tiny64")
+    labels = read_label_map(ref)["labels"]
+    tokenizer = load_tokenizer(model.path)
+    quantized = load_classifier(model.path, labels, tokenizer, "float32", "4bit")
+    assert type(quantized.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert type(quantized.score).__name__ == "Linear" and quantized.score.weight.dtype == torch.float32
+
+    adapter = train_adapter.fn(
+        ref, model, LoraSettings(r=4), TRAIN, ClassifierSettings(), "float32", store, quantization="4bit"
+    )
+    saved = load_file(Path(adapter.path) / "adapter" / "adapter_model.safetensors")
+    assert [name for name in saved if ".score." in name] and any("lora_B" in name for name in saved)
+    merged = merge_adapter.fn(adapter, model, ref, TRAIN.max_length, "float32", store, "4bit")
+    assert "quantization_config" not in json.loads((Path(merged.path) / "config.json").read_text())
+    check = json.loads((Path(merged.path) / "loraflow.json").read_text())["merge_check"]
+    assert (
+        check["against"] == "the 4bit-quantised adapter model"
+        and check["max_abs_diff"] <= QUANTIZED_TOLERANCE
+    )
+    reloaded = AutoModelForSequenceClassification.from_pretrained(merged.path).eval()
+    assert reloaded.config.id2label == dict(enumerate(labels))
 
 
 def test_an_encoder_model_trains_and_merges_too(encoded: tuple, tmp_path: Path) -> None:

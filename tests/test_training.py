@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -24,8 +25,9 @@ from loraflow.tasks.generative.prepare import PROMPT, prepare_inputs, read_answe
 from loraflow.tasks.generative.scoring import answer_spans, encode_choices, score_labels
 from loraflow.tasks.generative.train import DevRows, fit_adapter, fit_prompts, train_adapter
 from loraflow.tasks.ingest import ingest_table
+from loraflow.tasks.merging import QUANTIZED_TOLERANCE
 from loraflow.tasks.metrics import read_evaluation
-from loraflow.tasks.models import load_causal_lm, load_tokenizer
+from loraflow.tasks.models import load_causal_lm, load_tokenizer, quantization_config
 from loraflow.tasks.store import Ref
 from tests.conftest import write_config
 
@@ -89,6 +91,66 @@ def test_dora_and_rslora_adapters_train_and_merge_into_the_same_model(prepared: 
     )
     plain = score_labels(load_causal_lm(model.path, "float32"), tokenizer, rows, ["No", "Yes"])
     assert np.abs(merged_scores - plain).max() > 1e-3
+
+
+def test_the_quantization_settings_build_the_qlora_config() -> None:
+    four = quantization_config("4bit", "float32")
+    assert four.load_in_4bit and not four.load_in_8bit
+    assert four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_use_double_quant
+    assert four.bnb_4bit_compute_dtype == torch.float32  # model.dtype (auto: bfloat16 on a GPU that has it)
+    assert quantization_config("4bit", "bfloat16").bnb_4bit_compute_dtype == torch.bfloat16
+    eight = quantization_config("8bit", "auto", keep_in_full=["score"])
+    assert eight.load_in_8bit and eight.llm_int8_skip_modules == ["score"]
+    assert quantization_config("none", "auto") is None
+
+
+def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install 'loraflow\[qlora\]'"):
+        quantization_config("4bit", "auto")
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_qlora_trains_on_a_quantised_base_and_merges_into_a_standard_model(
+    tmp_path: Path, tiny_model_64: Path, quantization: str
+) -> None:
+    config = load_config(write_config(tmp_path / "task", tiny_model_64))
+    store = str(tmp_path / "store")
+    prompts = prepare_inputs.fn(
+        ingest_table.fn(config.data, config.input_columns, store), config.prompt, config.data.answers, store
+    )
+    model = Ref(path=str(tiny_model_64), digest="tiny64")
+    adapter = train_adapter.fn(
+        prompts, model, LoraSettings(r=4), TRAIN, "float32", store, quantization=quantization
+    )
+    trained = load_file(Path(adapter.path) / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in trained.items())
+    merged = merge_adapter.fn(adapter, model, prompts, config.prompt, "float32", store, quantization)
+    # A standard folder: plain weights (no quantisation config, no packed 4-bit or int8 tensors).
+    folder = Path(merged.path)
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    weights = load_file(folder / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values()) and not any(
+        "absmax" in n or "SCB" in n for n in weights
+    )
+    check = json.loads((folder / "loraflow.json").read_text())["merge_check"]
+    assert check["against"] == f"the {quantization}-quantised adapter model"
+    # Its label scores match the quantised adapter model's (the model that trained) within the tolerance.
+    tokenizer = load_tokenizer(folder)
+    rows = read_prompts(prompts, "dev")[PROMPT].tolist()
+    trained_on = PeftModel.from_pretrained(
+        load_causal_lm(model.path, "float32", quantization), str(Path(adapter.path) / "adapter")
+    ).eval()
+    reference = score_labels(trained_on, tokenizer, rows, ["No", "Yes"])
+    reloaded = score_labels(
+        AutoModelForCausalLM.from_pretrained(folder).eval(), tokenizer, rows, ["No", "Yes"]
+    )
+    difference = float(np.abs(reloaded - reference).max())
+    print(f"{quantization}: merged vs quantised adapter model, max |Δ| label score {difference:.2e}")
+    assert difference <= QUANTIZED_TOLERANCE and check["max_abs_diff"] <= QUANTIZED_TOLERANCE
 
 
 @pytest.mark.parametrize("answers", [["Yes", "No way at all", "maybe"], ["Yes", "Yes please", "No"]])

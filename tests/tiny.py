@@ -37,13 +37,14 @@ def build_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with hidden size 32 and its tokenizer, saved as a standard HF folder."""
+def build_tiny_llama(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer Llama with hidden size `hidden` (32; 64 for bitsandbytes, which quantises in blocks of 64)
+    and its tokenizer, saved as a standard HF folder."""
     tokenizer = build_tokenizer(folder)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

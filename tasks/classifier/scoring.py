@@ -13,7 +13,7 @@ import torch
 
 from loraflow.console import ProgressDisplay
 from loraflow.tasks.classifier.prepare import TEXT, TEXT_PAIR
-from loraflow.tasks.models import load_tokenizer, pick_dtype, trusts_code
+from loraflow.tasks.models import device, load_tokenizer, pick_dtype, quantized_loading, trusts_code
 
 
 def _texts(frame: pd.DataFrame) -> tuple[list[str], list[str] | None]:
@@ -53,11 +53,18 @@ def tokenize(tokenizer: Any, frame: pd.DataFrame, max_length: int) -> tuple[dict
     return dict(encoded), truncated
 
 
-def load_classifier(path: str | Path, labels: list[str], tokenizer: Any, dtype: str = "auto") -> Any:
-    """A sequence-classification model with one output per label and the label names in its config."""
+HEADS = ["score", "classifier"]  # the classification head's module name (Llama/Qwen/Mistral, BERT-likes)
+
+
+def load_classifier(
+    path: str | Path, labels: list[str], tokenizer: Any, dtype: str = "auto", quantization: str = "none"
+) -> Any:
+    """A sequence-classification model with one output per label and the label names in its config;
+    quantised with model.quantization, the head kept in full precision."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    loading = quantized_loading(quantization, dtype, keep_in_full=HEADS)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights newly initialized": the head, on purpose
     try:
@@ -69,12 +76,13 @@ def load_classifier(path: str | Path, labels: list[str], tokenizer: Any, dtype: 
             problem_type="single_label_classification",
             dtype=pick_dtype(dtype),
             trust_remote_code=trusts_code(path),
+            **loading,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
     # Decoders pool the last non-pad token: without a pad id they cannot batch rows of different lengths.
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return (model if loading else model.to(device())).eval()
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from loraflow.tasks.lora import (
     build_lora_config,
     checkpoints_of,
     dev_metrics,
+    for_training,
     save_trained,
     tracking_setup,
     train_resuming,
@@ -102,6 +103,7 @@ def fit_classifier(
     checkpoints: Path,
     dev: Dataset | None = None,
     eval_batch_size: int = 16,
+    quantization: str = "none",
 ) -> tuple[Trainer, int]:
     """Train LoRA + the new head on tokenized rows, classifying the tokenized `dev` rows as it goes with
     the Trainer's own evaluation (without them, nothing is scored or selected); resume from the last
@@ -111,7 +113,7 @@ def fit_classifier(
     tracking_setup(train)
     tokenizer = classifier_tokenizer(model_path)
     set_seed(train.seed)  # the head's and LoRA's initial weights come from the global RNG
-    base = load_classifier(model_path, labels, tokenizer, dtype).train()
+    base = for_training(load_classifier(model_path, labels, tokenizer, dtype, quantization), train).train()
     with peft_quietly():
         network = get_peft_model(base, build_lora_config(lora, "SEQ_CLS"))
     args = TrainingArguments(
@@ -152,8 +154,10 @@ def train_adapter(
     store: str,
     processes: int = 1,
     eval_batch_size: int = 16,
+    quantization: str = "none",
 ) -> Ref:
-    """Train LoRA and the classification head on the train split; resume from the last checkpoint.
+    """Train LoRA and the classification head on the train split; resume from the last checkpoint. With
+    `quantization` (model.quantization) the base is loaded quantised (QLoRA), the head in full precision.
 
     With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
     """
@@ -167,6 +171,7 @@ def train_adapter(
         eval_batch_size,
         dtype,
         processes,
+        quantization,
     )
     folder, result = step_output(store, "train-cls", key)
     job = ClassifierTrainJob(
@@ -178,6 +183,7 @@ def train_adapter(
         classifier=classifier,
         dtype=dtype,
         eval_batch_size=eval_batch_size,
+        quantization=quantization,
     )
     train_once(f"{__name__}:train_into", job, processes)  # launch finds it by this path
     return result
@@ -213,6 +219,7 @@ def train_into(job: ClassifierTrainJob) -> None:
         checkpoints,
         dev,
         job.eval_batch_size,
+        job.quantization,
     )
     if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
         save_trained(folder, trainer, time.perf_counter() - started, resumed_from, truncated, checkpoints)

@@ -31,6 +31,7 @@ from loraflow.tasks.lora import (
     build_lora_config,
     checkpoints_of,
     dev_metrics,
+    for_training,
     save_trained,
     tracking_setup,
     train_resuming,
@@ -167,6 +168,7 @@ def fit_adapter(
     checkpoints: Path,
     dev: DevRows | None = None,
     eval_batch_size: int = 16,
+    quantization: str = "none",
 ) -> tuple[SFTTrainer, int]:
     """Train LoRA on prompt/completion rows, scoring `dev` as it goes (without it, nothing is scored or
     selected); resume from the last checkpoint in `checkpoints` if any.
@@ -179,7 +181,7 @@ def fit_adapter(
     tracking_setup(train)
     tokenizer = load_tokenizer(model_path)
     set_seed(train.seed)  # LoRA's initial weights come from the global RNG
-    network = load_causal_lm(model_path, dtype)
+    network = for_training(load_causal_lm(model_path, dtype, quantization), train)
     with peft_quietly():
         trainer = LabelScoringTrainer(
             model=network,
@@ -217,6 +219,7 @@ def train_into(job: GenerativeTrainJob) -> None:
         checkpoints,
         DevRows.read(job.prompts),
         job.eval_batch_size,
+        job.quantization,
     )
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
@@ -240,14 +243,24 @@ def train_adapter(
     store: str,
     processes: int = 1,
     eval_batch_size: int = 16,
+    quantization: str = "none",
 ) -> Ref:
     """Train a LoRA adapter on the formatted train split, scoring dev as it goes (the best checkpoint is
-    kept with train.select_best); resume from the last checkpoint if one exists.
+    kept with train.select_best); resume from the last checkpoint if one exists. With `quantization`
+    (model.quantization) the base is loaded quantised (QLoRA).
 
     With `processes` > 1 the training runs as that many DDP processes (one per GPU) through accelerate.
     """
     key = digest_of(
-        "train", prompts.digest, model.digest, lora, work_settings(train), eval_batch_size, dtype, processes
+        "train",
+        prompts.digest,
+        model.digest,
+        lora,
+        work_settings(train),
+        eval_batch_size,
+        dtype,
+        processes,
+        quantization,
     )
     folder, result = step_output(store, "train", key)
     job = GenerativeTrainJob(
@@ -258,6 +271,7 @@ def train_adapter(
         train=train,
         dtype=dtype,
         eval_batch_size=eval_batch_size,
+        quantization=quantization,
     )
     train_once(f"{__name__}:train_into", job, processes)  # launch finds it by this path
     return result
