@@ -1,4 +1,4 @@
-"""The `loraflow` command: `run | validate | retrain | notify | runs CONFIG`, `predict`, `compare`, `demo`.
+"""`loraflow`: `run | validate | plan | retrain | notify | runs CONFIG`, `predict`, `compare`, `demo`.
 
 Flows run locally on a temporary Prefect server (no server to start; loraflow/server.py). User errors print
 a short message and exit non-zero, without a traceback. Ctrl-C (SIGINT) and SIGTERM stop a run within
@@ -39,6 +39,7 @@ ENV_DEFAULTS = {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "transformers,peft,trl,datasets",
     "TOKENIZERS_PARALLELISM": "false",
 }
+PLAN_DOES_NOT_FIT = 3  # `loraflow plan`'s exit status when the estimate exceeds --gpu-memory
 
 
 class _NoUserErrorTraceback(logging.Filter):
@@ -186,6 +187,32 @@ def _validate(config: LoraflowConfig) -> int:
     return 0
 
 
+def _plan(config: LoraflowConfig, gpu_memory: str | None) -> int:
+    """Estimate the run's peak GPU memory from the model's config.json and the data's token lengths; exit 3
+    when it does not fit in `gpu_memory`. No Prefect server: the steps run as plain functions."""
+    import tempfile
+
+    from loraflow.config import GenerativeConfig
+    from loraflow.tasks.classifier.prepare import prepare_inputs as prepare_labels
+    from loraflow.tasks.generative.prepare import prepare_inputs as prepare_prompts
+    from loraflow.tasks.ingest import ingest_table
+    from loraflow.tasks.models import default_cache_dir, resolve_model
+    from loraflow.tasks.plan import parse_memory, plan_prepared, plan_table
+
+    available = parse_memory(gpu_memory) if gpu_memory else None
+    quiet_library_logs()
+    with tempfile.TemporaryDirectory(prefix="loraflow-plan-") as store:
+        splits = ingest_table.fn(config.data, config.input_columns, store)
+        if isinstance(config, GenerativeConfig):  # the two approaches' own preparation, as training does it
+            prepared = prepare_prompts.fn(splits, config.prompt, config.data.answers, store)
+        else:
+            prepared = prepare_labels.fn(splits, config.input_columns, config.classifier, store)
+        model = resolve_model.fn(config.model, default_cache_dir())
+        plan = plan_prepared(config, prepared, model.path, available)
+    print(plan_table(plan, config.model, config.train))
+    return 0 if plan.fits else PLAN_DOES_NOT_FIT
+
+
 def _notify(config: LoraflowConfig) -> int:
     """Emit `loraflow.dataset.updated` for the config to the Prefect server: its retrain deployment starts."""
     import asyncio
@@ -229,6 +256,8 @@ def _run_config_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "notify":
         return _notify(config)
+    if args.command == "plan":
+        return _plan(config, args.gpu_memory)
     from loraflow.server import temporary_server
 
     with temporary_server():
@@ -272,6 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("runs", "list a config's finished runs with their key metrics"),
     ):
         commands.add_parser(name, parents=[overrides], help=text).add_argument("config")
+    plan = commands.add_parser(
+        "plan",
+        parents=[overrides],
+        help="estimate the run's peak GPU memory (no weights loaded); exit 3 when it does not fit",
+        description="Estimate peak GPU memory (weights, LoRA + AdamW states, gradients, activations, logits) "
+        "from the model's config.json and the data's token lengths, and rank the changes that would fit. "
+        f"Exit status: 0 when it fits, {PLAN_DOES_NOT_FIT} when it does not, 2 on a user error.",
+    )
+    plan.add_argument("config", help="path to the task's config.yaml")
+    plan.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="the GPU's memory, e.g. 8GiB, 24GB or 8000MiB (default: no check)",
+    )
     predict = commands.add_parser(
         "predict", parents=[verbosity], help="label a table's rows with a trained model"
     )
