@@ -24,7 +24,6 @@ from loraflow.errors import UserError
 from loraflow.tasks.approaches import approach
 from loraflow.tasks.exchange import fetch_from_exchange, fetch_outputs, publish_outputs, publish_to_exchange
 from loraflow.tasks.paths import exchange_storage, work_store
-from loraflow.tasks.plan import check_memory
 from loraflow.tasks.store import Ref
 
 
@@ -32,9 +31,7 @@ from loraflow.tasks.store import Ref
 def fit(config: LoraflowConfig, prepared: Ref, storage: str, outbox: str) -> dict[str, Any]:
     """On a GPU worker: fetch the prepared data, fit, publish the outputs, write their list to `outbox`."""
     store = work_store(config)
-    prepared = fetch_from_exchange(prepared, storage, store)
-    check_memory(config, prepared)  # on a CUDA GPU: fail now, with advice, not out of memory later
-    outputs = approach(config.approach).fit(config, prepared, store)
+    outputs = approach(config.approach).fit(config, fetch_from_exchange(prepared, storage, store), store)
     return publish_outputs(outputs, storage, store, outbox)
 
 

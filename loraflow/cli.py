@@ -192,23 +192,19 @@ def _plan(config: LoraflowConfig, gpu_memory: str | None) -> int:
     when it does not fit in `gpu_memory`. No Prefect server: the steps run as plain functions."""
     import tempfile
 
-    from loraflow.config import GenerativeConfig
-    from loraflow.tasks.classifier.prepare import prepare_inputs as prepare_labels
-    from loraflow.tasks.generative.prepare import prepare_inputs as prepare_prompts
+    from loraflow.tasks.approaches import approach
     from loraflow.tasks.ingest import ingest_table
     from loraflow.tasks.models import default_cache_dir, resolve_model
-    from loraflow.tasks.plan import parse_memory, plan_prepared, plan_table
+    from loraflow.tasks.plan import parse_memory, plan_of, plan_table
 
     available = parse_memory(gpu_memory) if gpu_memory else None
     quiet_library_logs()
     with tempfile.TemporaryDirectory(prefix="loraflow-plan-") as store:
         splits = ingest_table.fn(config.data, config.input_columns, store)
-        if isinstance(config, GenerativeConfig):  # the two approaches' own preparation, as training does it
-            prepared = prepare_prompts.fn(splits, config.prompt, config.data.answers, store)
-        else:
-            prepared = prepare_labels.fn(splits, config.input_columns, config.classifier, store)
+        steps = approach(config.approach)  # its own preparation and length measure, as training has them
+        prepared = steps.prepare(config, splits, store, plain=True)  # no Prefect server: plain functions
         model = resolve_model.fn(config.model, default_cache_dir())
-        plan = plan_prepared(config, prepared, model.path, available)
+        plan = plan_of(config, *steps.lengths(prepared, model.path), model.path, available)
     print(plan_table(plan, config.model, config.train))
     return 0 if plan.fits else PLAN_DOES_NOT_FIT
 

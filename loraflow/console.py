@@ -27,7 +27,16 @@ QUIET_LIBRARIES = {  # read by huggingface_hub (and transformers, through it) an
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
-LIBRARIES = ("transformers", "datasets", "peft", "trl", "accelerate", "great_expectations", "huggingface_hub")
+LIBRARIES = (
+    "transformers",
+    "datasets",
+    "peft",
+    "trl",
+    "accelerate",
+    "great_expectations",
+    "huggingface_hub",
+    "bitsandbytes",
+)
 
 
 def verbose() -> bool:

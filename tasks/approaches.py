@@ -21,6 +21,7 @@ from loraflow.tasks.classifier import evaluate as classifier_evaluate
 from loraflow.tasks.classifier import merge as classifier_merge
 from loraflow.tasks.classifier import predict as classifier_predict
 from loraflow.tasks.classifier import prepare as classifier_prepare
+from loraflow.tasks.classifier import scoring as classifier_scoring
 from loraflow.tasks.classifier import train as classifier_train
 from loraflow.tasks.generative import evaluate as generative_evaluate
 from loraflow.tasks.generative import merge as generative_merge
@@ -30,7 +31,8 @@ from loraflow.tasks.generative import train as generative_train
 from loraflow.tasks.ingest import split_names
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.metrics import label_columns
-from loraflow.tasks.models import default_cache_dir, resolve_model
+from loraflow.tasks.models import default_cache_dir, load_tokenizer, resolve_model
+from loraflow.tasks.plan import check_memory, free_gpu_memory
 from loraflow.tasks.predict import PREDICTED, model_folder
 from loraflow.tasks.store import Ref
 
@@ -51,9 +53,39 @@ def _evaluations(
     return out
 
 
+def _prepare_generative(config: GenerativeConfig, splits: Ref, store: str, plain: bool = False) -> Ref:
+    step = generative_prepare.prepare_inputs
+    return (step.fn if plain else step)(splits, config.prompt, config.data.answers, store)
+
+
+def _prepare_classifier(config: ClassifierConfig, splits: Ref, store: str, plain: bool = False) -> Ref:
+    step = classifier_prepare.prepare_inputs
+    return (step.fn if plain else step)(splits, config.input_columns, config.classifier, store)
+
+
+def _lengths_generative(prompts: Ref, model_path: str) -> tuple[list[int], int | None]:
+    return generative_prepare.train_token_lengths(prompts, load_tokenizer(model_path)), None
+
+
+def _lengths_classifier(encoded: Ref, model_path: str) -> tuple[list[int], int | None]:
+    tokenizer = classifier_scoring.classifier_tokenizer(model_path)
+    labels = classifier_prepare.read_label_map(encoded)["labels"]
+    return classifier_scoring.train_token_lengths(encoded, tokenizer), len(labels)
+
+
+def _fits_the_gpu(config: Any, prepared: Ref, model: Ref) -> None:
+    """On a CUDA GPU, before training: the memory plan of this run (tasks/plan.py) against the free memory,
+    failing now with the changes that fit rather than out of memory later. Nothing without a GPU."""
+    free = free_gpu_memory()
+    if free is not None:
+        lengths, num_labels = APPROACHES[config.approach].lengths(prepared, model.path)
+        check_memory(config, lengths, num_labels, model, free)
+
+
 def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outputs:
     dtype, processes, settings = config.model.dtype, config.compute.processes, config.eval
     model = resolve_model(config.model, default_cache_dir())
+    _fits_the_gpu(config, prompts, model)
     quantization = config.model.quantization
     adapter = generative_train.train_adapter(
         prompts, model, config.lora, config.train, dtype, store, processes, settings.batch_size, quantization
@@ -77,6 +109,7 @@ def _fit_classifier(config: ClassifierConfig, encoded: Ref, store: str) -> Outpu
     dtype, max_length, processes = config.model.dtype, config.train.max_length, config.compute.processes
     settings = config.eval
     model = resolve_model(config.model, default_cache_dir())
+    _fits_the_gpu(config, encoded, model)
     adapter = classifier_train.train_adapter(
         encoded,
         model,
@@ -105,14 +138,14 @@ def _fit_classifier(config: ClassifierConfig, encoded: Ref, store: str) -> Outpu
 
 
 def _score_generative(config: GenerativeConfig, splits: Ref, model: Ref, store: str) -> Ref:
-    prompts = generative_prepare.prepare_inputs(splits, config.prompt, config.data.answers, store)
+    prompts = _prepare_generative(config, splits, store)
     return generative_evaluate.evaluate_model(
         model, prompts, "champion", config.eval, config.model.dtype, store
     )
 
 
 def _score_classifier(config: ClassifierConfig, splits: Ref, model: Ref, store: str) -> Ref:
-    encoded = classifier_prepare.prepare_inputs(splits, config.input_columns, config.classifier, store)
+    encoded = _prepare_classifier(config, splits, store)
     max_length, dtype = config.train.max_length, config.model.dtype
     return classifier_evaluate.evaluate_model(
         model, encoded, config.eval, max_length, dtype, store, kind="champion"
@@ -126,11 +159,27 @@ class Approach:
     fit: Callable[[Any, Ref, str], Outputs]  # prepared data → model, adapter, merged, evaluations
     score: Callable[[Any, Ref, Ref, str], Ref]  # (splits, a merged model) → its dev evaluation
     probabilities: Callable[[Path, ModelManifest, pd.DataFrame, int], np.ndarray]  # a model folder's
+    # (config, splits, store[, plain]) → the prepared data fit trains on; plain: not as a Prefect task run
+    prepare: Callable[..., Ref]
+    # (prepared data, the model folder) → each train row's token length, and the head's label count
+    lengths: Callable[[Ref, str], tuple[list[int], int | None]]
 
 
 APPROACHES = {
-    "generative": Approach(_fit_generative, _score_generative, generative_predict.probabilities),
-    "classifier": Approach(_fit_classifier, _score_classifier, classifier_predict.probabilities),
+    "generative": Approach(
+        _fit_generative,
+        _score_generative,
+        generative_predict.probabilities,
+        _prepare_generative,
+        _lengths_generative,
+    ),
+    "classifier": Approach(
+        _fit_classifier,
+        _score_classifier,
+        classifier_predict.probabilities,
+        _prepare_classifier,
+        _lengths_classifier,
+    ),
 }
 
 

@@ -23,7 +23,6 @@ longest row. Rough speed costs assumed to rank the advice: gradient checkpointin
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -31,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from prefect import task
 
 from loraflow.config import LoraflowConfig, LoraSettings, ModelSettings, TrainSettings
 from loraflow.errors import ConfigError, ModelError, ResourceError, UserError
-from loraflow.tasks.models import default_cache_dir, load_tokenizer, resolve_model, trusts_code
+from loraflow.tasks.models import trusts_code
 from loraflow.tasks.store import Ref, named_for_config, run_logger
 
 GIB = 1 << 30
@@ -60,13 +58,6 @@ OVERHEAD_FIXED, OVERHEAD_SHARE = 512 << 20, 0.10
 CHECKPOINTING_COST, FOUR_BIT_COST, HALVED_BATCH_COST = 1.3, 1.4, 1.1
 # peft's all-linear: every nn.Linear in the decoder layers (the LM head and a classifier head excluded).
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# How the approaches write their prepared train split (the columns of their prepare step's parquet files).
-_CHAT_COLUMNS, _TEXT_COLUMN, _PAIR_COLUMN, _LABEL_MAP = (
-    ("prompt", "completion"),
-    "_text",
-    "_text_pair",
-    "labels.json",
-)
 
 
 def parse_memory(text: str) -> int:
@@ -215,31 +206,6 @@ class TokenLengths:
     def assumed(cls, length: int, rows: int = 1000) -> TokenLengths:
         """Every row `length` tokens (for tables such as the README's)."""
         return cls(rows=rows, p95=length, longest=length, total=rows * length, truncated=0)
-
-
-def measure_lengths(prepared: Ref, tokenizer: Any, max_length: int) -> tuple[TokenLengths, int | None]:
-    """The train split's token lengths as training encodes them, and the classifier head's label count
-    (None for chat rows, which train the LM head).
-
-    The prepared folder says how its rows are encoded: chat messages (prompt + completion) go through the
-    model's chat template; text (and a text pair, joined by one separator token when the tokenizer adds
-    none) through the tokenizer.
-    """
-    frame = pd.read_parquet(Path(prepared.path) / "train.parquet")
-    if all(column in frame for column in _CHAT_COLUMNS):
-        lengths = []
-        for prompt, completion in zip(frame[_CHAT_COLUMNS[0]], frame[_CHAT_COLUMNS[1]], strict=True):
-            messages = [dict(m) for m in prompt] + [dict(m) for m in completion]
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-            lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-        return TokenLengths.of(lengths, max_length), None
-    if _TEXT_COLUMN not in frame:
-        raise UserError(f"{prepared.path}: not a prepared folder (no chat messages or text column)")
-    pairs = frame[_PAIR_COLUMN].tolist() if _PAIR_COLUMN in frame else None
-    ids = tokenizer(frame[_TEXT_COLUMN].tolist(), pairs, truncation=False)["input_ids"]
-    separator = int(pairs is not None and tokenizer.num_special_tokens_to_add(pair=True) == 0)
-    labels = json.loads((Path(prepared.path) / _LABEL_MAP).read_text())["labels"]
-    return TokenLengths.of([len(row) + separator for row in ids], max_length), len(labels)
 
 
 @dataclass(frozen=True)
@@ -477,35 +443,37 @@ def model_config(path: str | Path) -> Any:
     return AutoConfig.from_pretrained(path, trust_remote_code=trusts_code(path))
 
 
-def plan_prepared(
-    config: LoraflowConfig, prepared: Ref, model_path: str, available: int | None, tokenizer: Any = None
+def plan_of(
+    config: LoraflowConfig, lengths: list[int], num_labels: int | None, model_path: str, available: int | None
 ) -> Plan:
-    """The plan of training `config` on a prepared folder with the resolved model at `model_path`."""
-    tokenizer = tokenizer or load_tokenizer(model_path)
-    lengths, num_labels = measure_lengths(prepared, tokenizer, config.train.max_length)
+    """The plan of training `config` on rows of these token `lengths` (the approach measures them on its
+    prepared train split: tasks/approaches.py) with the resolved model at `model_path`."""
     return make_plan(
         model_shape(model_config(model_path)),
         config.model,
         config.lora,
         config.train,
-        lengths,
+        TokenLengths.of(lengths, config.train.max_length),
         available,
         num_labels,
         config.compute.processes,
     )
 
 
-@task(name="check-memory", task_run_name=named_for_config("check-memory"))
-def check_memory(config: LoraflowConfig, prepared: Ref) -> int | None:
-    """Before training on a CUDA GPU: fail early with a ResourceError and the advice when the estimated
-    peak exceeds the GPU's free memory; returns the estimate in bytes (None without a CUDA GPU)."""
+def free_gpu_memory() -> int | None:
+    """Bytes free on this process's CUDA GPU; None without one (the check below then does nothing)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    free, _total = torch.cuda.mem_get_info()
-    model = resolve_model.fn(config.model, default_cache_dir())
-    plan = plan_prepared(config, prepared, model.path, free)
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+
+@task(name="check-memory", task_run_name=named_for_config("check-memory"))
+def check_memory(
+    config: LoraflowConfig, lengths: list[int], num_labels: int | None, model: Ref, free: int
+) -> int:
+    """Before training on a CUDA GPU: fail early with a ResourceError and the advice when the estimated
+    peak exceeds the GPU's `free` memory; returns the estimate in bytes."""
+    plan = plan_of(config, lengths, num_labels, model.path, free)
     if not plan.fits:
         raise ResourceError(
             f"training {config.name} needs about {shown_bytes(plan.estimate.total)} of GPU memory and "

@@ -13,7 +13,9 @@ import torch
 
 from loraflow.console import ProgressDisplay
 from loraflow.tasks.classifier.prepare import TEXT, TEXT_PAIR
+from loraflow.tasks.ingest import read_split
 from loraflow.tasks.models import device, load_tokenizer, pick_dtype, quantized_loading, trusts_code
+from loraflow.tasks.store import Ref
 
 
 def _texts(frame: pd.DataFrame) -> tuple[list[str], list[str] | None]:
@@ -112,3 +114,11 @@ def predict_logits(
             "classifier logits are not finite (NaN/inf): the model's weights or dtype are broken"
         )
     return logits
+
+
+def train_token_lengths(encoded: Ref, tokenizer: Any) -> list[int]:
+    """Each train row's length in tokens, untruncated, encoded as training encodes it (`tokenize`, with the
+    `classifier_tokenizer`'s pair separator): what `loraflow plan` and the memory check before training
+    measure."""
+    tokens, _ = tokenize(tokenizer, read_split(encoded, "train"), max_length=1 << 30)
+    return [len(ids) for ids in tokens["input_ids"]]

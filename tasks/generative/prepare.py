@@ -75,3 +75,16 @@ def read_answers(ref: Ref) -> tuple[list[str], list[str]]:
     """(labels, answers) in label order, as written by `prepare_inputs`."""
     meta = json.loads((Path(ref.path) / "answers.json").read_text())
     return meta["labels"], [meta["answers"][label] for label in meta["labels"]]
+
+
+def train_token_lengths(prompts: Ref, tokenizer: Any) -> list[int]:
+    """Each train row's length in tokens as training encodes it: prompt and answer through the chat
+    template (what `loraflow plan` and the memory check before training measure)."""
+    frame = read_prompts(prompts, "train")
+    lengths = []
+    for prompt, completion in zip(frame[PROMPT], frame[COMPLETION], strict=True):
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in prompt] + [dict(m) for m in completion], tokenize=False
+        )
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return lengths
