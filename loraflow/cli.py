@@ -336,10 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet = {} if getattr(args, "verbose", False) else QUIET_LIBRARIES
-    if not quiet:
-        os.environ[VERBOSE] = "1"
-    for key, value in {**ENV_DEFAULTS, **quiet}.items():  # before the libraries are imported
+    if getattr(args, "verbose", False):  # asked for on the command line: it beats the environment
+        os.environ.update({VERBOSE: "1", **{key: "0" for key in QUIET_LIBRARIES}})
+    for key, value in {**ENV_DEFAULTS, **QUIET_LIBRARIES}.items():  # before the libraries are imported
         os.environ.setdefault(key, value)
     started = time.perf_counter()
     try:

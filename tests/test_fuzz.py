@@ -28,7 +28,7 @@ from tests.fuzz_ingest import (
 from tests.fuzz_inputs import ROWS, FuzzInput, make_seeds
 
 pytestmark = pytest.mark.unit
-FUZZ_SECONDS = 20.0  # plus at most GRACE_S for the last input, and ~4 s to start the zygote: under 60 s
+FUZZ_SECONDS = 12.0  # plus at most GRACE_S for the last input, and ~4 s to start the zygote: under 60 s
 GRACE_S = 8.0
 
 

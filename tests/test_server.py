@@ -164,7 +164,17 @@ def _artifact_keys(env: dict[str, str], flow_run_id: UUID) -> set[str]:
 def _run_deployment(env: dict[str, str], name: str, *options: str) -> float:
     started = time.perf_counter()
     result = _prefect(
-        env, "deployment", "run", name, *options, "--watch", "--watch-timeout", "600", timeout=700
+        env,
+        "deployment",
+        "run",
+        name,
+        *options,
+        "--watch",
+        "--watch-interval",
+        "1",  # the default 5 s, paid at every run's end
+        "--watch-timeout",
+        "600",
+        timeout=700,
     )
     assert "Completed" in result.stdout, result.stdout
     return time.perf_counter() - started
@@ -196,8 +206,9 @@ def test_the_shipped_deployments_run_as_the_readme_says_on_a_real_server_and_wor
     worker = subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", "gpu"],
         cwd=user,
-        # The worker's own disk, as on a separate GPU host: what it needs travels through the exchange.
-        env={**env, "LORAFLOW_WORK_DIR": str(tmp_path / "gpu-host")},
+        # The worker's own disk, as on a separate GPU host: what it needs travels through the exchange. It
+        # looks for scheduled runs every second (the default 10 s would be waited out at every run's start).
+        env={**env, "LORAFLOW_WORK_DIR": str(tmp_path / "gpu-host"), "PREFECT_WORKER_QUERY_SECONDS": "1"},
         stdout=worker_log,
         stderr=subprocess.STDOUT,
     )

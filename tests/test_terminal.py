@@ -19,6 +19,7 @@ from pathlib import Path
 import pyte
 import pytest
 
+from loraflow.console import QUIET_LIBRARIES, VERBOSE
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.flow
@@ -45,7 +46,8 @@ def _in_a_terminal(args: list[str], home: Path, timeout: float = 300) -> tuple[i
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO", "TERM": "xterm-256color"}
-    for key in ("PREFECT_API_URL", "COLUMNS", "LINES", "CI"):  # not the test harness's server nor sizes
+    # Not the test harness's server, its sizes, nor what an in-process `main()` of another test left set.
+    for key in ("PREFECT_API_URL", "COLUMNS", "LINES", "CI", VERBOSE, *QUIET_LIBRARIES):
         env.pop(key, None)
     process = subprocess.Popen(
         [sys.executable, "-m", "loraflow.cli", *args],
