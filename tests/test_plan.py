@@ -11,8 +11,13 @@ import torch
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+import loraflow.tasks.approaches
 from loraflow.cli import main
 from loraflow.config import LoraSettings
+from loraflow.errors import ResourceError
+from loraflow.loading import load_config
+from loraflow.tasks.approaches import approach as approach_steps
+from loraflow.tasks.ingest import ingest_table
 from loraflow.tasks.lora import build_lora_config
 from loraflow.tasks.plan import (
     count_parameters,
@@ -22,6 +27,7 @@ from loraflow.tasks.plan import (
     trainable_parameters,
 )
 from tests.conftest import write_config
+from tests.test_classifier import write_pair_config
 
 pytestmark = pytest.mark.unit
 
@@ -131,3 +137,25 @@ def test_bad_gpu_memory_is_a_one_line_error(
         "loraflow: error: --gpu-memory 'lots': expected a size such as 8GiB, 24GB or 8000MiB"
     ]
     assert "Traceback" not in captured.out + captured.err
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("approach", ["generative", "classifier"])
+def test_training_on_a_gpu_too_small_for_it_stops_before_training_with_the_advice(
+    prefect_server: None, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, approach: str
+) -> None:
+    """The check each approach's fit runs on a CUDA GPU, before any training: here with a GPU of 512 MiB free
+    (the planner's `free_gpu_memory` stands in for torch.cuda.mem_get_info, which this machine lacks)."""
+    written = write_pair_config if approach == "classifier" else write_config
+    config = load_config(written(tmp_path / "task", tiny_model))
+    store = str(tmp_path / "store")
+    steps = approach_steps(approach)
+    prepared = steps.prepare(
+        config, ingest_table.fn(config.data, config.input_columns, store), store, plain=True
+    )
+    monkeypatch.setattr(loraflow.tasks.approaches, "free_gpu_memory", lambda: 512 << 20)
+    with pytest.raises(
+        ResourceError, match=r"(?s)needs about .* of GPU memory and 512 MiB are free; .*(fit|fits)"
+    ):
+        steps.fit(config, prepared, store)
+    assert not list(Path(store).glob("train*"))  # nothing trained, no checkpoint

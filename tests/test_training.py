@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from loraflow.tasks.generative.train import DevRows, fit_adapter, fit_prompts, t
 from loraflow.tasks.ingest import ingest_table
 from loraflow.tasks.merging import QUANTIZED_TOLERANCE
 from loraflow.tasks.metrics import read_evaluation
-from loraflow.tasks.models import load_causal_lm, load_tokenizer, quantization_config
+from loraflow.tasks.models import device, load_causal_lm, load_tokenizer, quantization_config
 from loraflow.tasks.store import Ref
 from tests.conftest import write_config
 
@@ -111,6 +112,26 @@ def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch: p
     )
     with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install 'loraflow\[qlora\]'"):
         quantization_config("4bit", "auto")
+
+
+def test_quantization_that_bitsandbytes_cannot_run_here_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine whose bitsandbytes has no backend for its device: the probe layer's forward fails."""
+    import bitsandbytes as bnb
+
+    class NoKernel(torch.nn.Module):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(bnb.nn, "Linear4bit", NoKernel)
+    version = re.escape(bnb.__version__)
+    pattern = (
+        rf"bitsandbytes {version} cannot run 4bit on this machine's {device()} \(RuntimeError: no kernel"
+    )
+    with pytest.raises(ConfigError, match=pattern):
+        quantization_config("4bit", "float32")
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
