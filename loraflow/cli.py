@@ -157,13 +157,13 @@ def _retrain(config: LoraflowConfig) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from loraflow.flows.predict import predict
     from loraflow.server import temporary_server
 
-    quiet_library_logs()
-
     sheet = int(args.sheet) if args.sheet.isdigit() else args.sheet
-    with temporary_server():
+    with temporary_server():  # it boots while the flow's modules import
+        from loraflow.flows.predict import predict
+
+        quiet_library_logs()
         written = predict(
             model=args.model,
             input=args.input,

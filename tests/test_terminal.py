@@ -113,13 +113,15 @@ def test_a_run_in_a_terminal_shows_one_progress_display_per_long_step_and_no_lib
     assert "| fine-tuned tiny-llama0 (LoRA r=4) |" in shown and "Traceback" not in written
     assert "anonymous usage data" not in written  # Prefect's telemetry notice: DO_NOT_TRACK by default
 
-    # -v brings the libraries' own bars back (a new training: 8 steps)
-    code, written, seen = _in_a_terminal(
-        ["run", str(config), "-v", "--set", "train.max_steps=8"], tmp_path / "home"
-    )
+    # Labelling a table with the model just trained: one display; -v brings the libraries' bars back.
+    [run] = (tmp_path / "task" / "runs" / "tiny-geo").glob("2*")
+    labelled = tmp_path / "labelled.csv"
+    predict = ["predict", "--model", str(run), "--input", str(tmp_path / "task" / "dev.xlsx")]
+    code, written, seen = _in_a_terminal([*predict, "--output", str(labelled), "-v"], tmp_path / "home")
     assert code == 0, "\n".join(seen[-40:])
-    assert "Loading weights" in written and "Tokenizing train dataset" in written
-    assert len([line for line in seen if line.startswith("training ")]) == 1  # still one training display
+    assert "Loading weights" in written  # transformers' own bar, back with -v
+    assert len([line for line in seen if line.startswith("labelling rows ")]) == 1
+    assert f"predictions: {labelled}" in seen and labelled.is_file()
 
     # A user error: one line naming the fix, exit 2, no traceback
     code, written, seen = _in_a_terminal(

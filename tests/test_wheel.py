@@ -54,15 +54,16 @@ def test_the_wheel_runs_the_packaged_example_outside_the_checkout(tmp_path: Path
     assert "loraflow/examples/geo/config.yaml" in names and "loraflow/data_contracts/geo.json" in names
     assert not [n for n in names if n.startswith(("tasks/", "flows/"))]  # no top-level packages to collide
 
-    # A fresh venv that sees this environment's dependencies (not its editable loraflow) through a .pth.
+    # A fresh venv that sees this environment's dependencies (not its editable loraflow) through a .pth;
+    # this environment's pip installs into it (`pip --python`), so the venv needs no pip of its own.
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
     target = Path(
         _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip()
     )
     (target / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    _run(python, "-m", "pip", "install", "-q", "--no-deps", wheel, cwd=tmp_path)
+    _run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel, cwd=tmp_path)
 
     user = tmp_path / "user-project"  # a user's own Prefect repository, with its own `tasks` package
     (user / "tasks").mkdir(parents=True)
