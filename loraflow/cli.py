@@ -36,7 +36,7 @@ ENV_DEFAULTS = {
     "DO_NOT_TRACK": "1",  # Prefect's client telemetry, and its first-run notice in a terminal
     "GX_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "transformers,peft,trl,datasets",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "transformers,peft,trl,datasets,accelerate,bitsandbytes",
     "TOKENIZERS_PARALLELISM": "false",
 }
 PLAN_DOES_NOT_FIT = 3  # `loraflow plan`'s exit status when the estimate exceeds --gpu-memory

@@ -6,8 +6,9 @@ Prefect's log handler writes to, so that log lines scroll above the bar instead 
 console is no terminal (a pipe, a worker's log file) the bar is written once, as one line, when the step
 ends. Library progress bars (transformers' "Loading weights" and "Writing model shards", TRL's passes
 over the dataset, huggingface_hub's downloads) are turned off through the variables the libraries read
-when they are imported, and library log lines are kept off the console: their warnings still reach the
-Prefect run log, through the handler Prefect gives the loggers named in PREFECT_LOGGING_EXTRA_LOGGERS.
+when they are imported, and library log lines below ERROR are kept off the console: the warnings of the
+loggers named in PREFECT_LOGGING_EXTRA_LOGGERS (the CLI's default: transformers, peft, trl, datasets,
+accelerate, bitsandbytes) still reach the Prefect run log, through the handler Prefect gives them.
 """
 
 from __future__ import annotations

@@ -166,7 +166,12 @@ def quantized_loading(quantization: str, dtype: str, keep_in_full: list[str] | N
     """`from_pretrained` arguments for a quantised load (placed on the device as it loads: a quantised model
     cannot be moved after), or {} for "none"."""
     config = quantization_config(quantization, dtype, keep_in_full)
-    return {"quantization_config": config, "device_map": {"": device()}} if config else {}
+    if config is None:
+        return {}
+    where = device()
+    if where == "cuda":  # each DDP process on its own GPU (LOCAL_RANK, set by the launcher; 0 alone)
+        where = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return {"quantization_config": config, "device_map": {"": where}}
 
 
 def load_causal_lm(path: str | Path, dtype: str = "auto", quantization: str = "none") -> Any:
