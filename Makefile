@@ -31,8 +31,11 @@ $(DEPS_STAMP):
 demo: setup
 	$(BIN)/loraflow demo
 
+# Two pytest workers for the tests that time nothing (one torch thread each: two processes spinning two threads
+# on 2 cores run 3-5x slower), then the `serial` ones (signals at a step, a terminal's screen) on a quiet machine.
 test: setup
-	$(BIN)/python -m pytest -m "not gpu" --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu and not serial" -n 2 --durations=20
+	$(BIN)/python -m pytest -m "serial and not gpu" --durations=10
 
 # Side-by-side benchmarks, outside CI (~10 min on 2 CPU cores, setup included): bench/results/<UTC date>.json and .md
 bench: setup

@@ -43,7 +43,7 @@ from loraflow.tasks.models import load_causal_lm, resolve_model
 from loraflow.tasks.store import Ref, building, is_complete
 from tests.conftest import write_config
 
-pytestmark = pytest.mark.flow
+pytestmark = [pytest.mark.flow, pytest.mark.serial]  # signals sent at a training step
 REPO = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_loraflowTestTokenDoNotLeak0123456789"
 

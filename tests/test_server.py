@@ -293,11 +293,17 @@ def test_the_shipped_deployments_run_as_the_readme_says_on_a_real_server_and_wor
             time.sleep(2)
         lines = [line for line in history.read_text().splitlines() if line.strip()]
         assert len(lines) == 1  # the data did not change since: "no new data", nothing recorded
-        with _client(env) as client:
-            said = client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[triggered[0].id]))
-            )
-        assert [log for log in said if log.message.startswith("no new data: geo unchanged since")]
+        # A run's last log lines reach the server after its state does (the process ships them as it exits).
+        deadline = time.monotonic() + 60
+        while True:
+            with _client(env) as client:
+                said = client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[triggered[0].id]))
+                )
+            if [log for log in said if log.message.startswith("no new data: geo unchanged since")]:
+                break
+            assert time.monotonic() < deadline, [log.message for log in said]
+            time.sleep(2)
     finally:
         _stop(worker)
         worker_log.close()
