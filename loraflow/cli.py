@@ -1,4 +1,4 @@
-"""`loraflow`: `run | validate | plan | retrain | notify | runs CONFIG`, `predict`, `compare`, `demo`.
+"""`loraflow`: `run | validate | plan | sweep | retrain | notify | runs CONFIG`, `predict`, `compare`, `demo`.
 
 Flows run locally on a temporary Prefect server (no server to start; loraflow/server.py). User errors print
 a short message and exit non-zero, without a traceback. Ctrl-C (SIGINT) and SIGTERM stop a run within
@@ -26,7 +26,7 @@ from loraflow.config import LoraflowConfig
 from loraflow.console import QUIET_LIBRARIES, VERBOSE, quiet_library_logs
 from loraflow.errors import UserError
 from loraflow.loading import load_config
-from loraflow.runs import compare_runs, runs_table
+from loraflow.runs import compare_runs, runs_table, sweep_leaderboard
 
 # The embedded example ships as package data (examples/ in a checkout, loraflow/examples in a wheel).
 DEMO_CONFIG = Path(str(files("loraflow.examples") / "geo" / "config.yaml"))
@@ -98,6 +98,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    training = sys.modules.get("loraflow.tasks.lora")
+    if training:  # a sweep's trials train in threads: they stop at their next step too
+        training.stop_training_threads()
     raise Interrupted(signum)
 
 
@@ -147,6 +150,20 @@ def _run(config: LoraflowConfig, refresh: bool) -> int:
     return 0
 
 
+def _sweep(config: LoraflowConfig) -> int:
+    from loraflow.flows.sweep import sweep
+
+    quiet_library_logs()
+    result = sweep(config)
+    folder = Path(result["sweep"])
+    print()
+    print((folder / "leaderboard.md").read_text(encoding="utf-8").strip())
+    best = result["best"]
+    print(f"\nbest: trial {best['number']}, run folder {best['run']}; registry: {result['decision']}")
+    print(f"sweep folder: {folder}")
+    return 0
+
+
 def _retrain(config: LoraflowConfig) -> int:
     from loraflow.flows.retrain import retrain
 
@@ -178,12 +195,39 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Serve a model over HTTP until SIGINT/SIGTERM (loraflow/serve.py); no Prefect server."""
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")  # no flow runs here: nothing to send
+    from loraflow.serve import TOKEN_ENV, ServeSettings, serve
+
+    settings = ServeSettings(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_rows=args.max_rows,
+        max_chars=args.max_chars,
+        max_body_bytes=args.max_body_bytes,
+        poll_seconds=args.poll_seconds,
+        token=os.environ.get(TOKEN_ENV) or None,
+    )
+    serve(args.model, args.host, args.port, settings)
+    return 0
+
+
 def _validate(config: LoraflowConfig) -> int:
     from loraflow.flows.validate import validate_data
 
     quiet_library_logs()
     folder = validate_data(config)
     print(f"data contract passed: {Path(folder) / 'contract.json'}")
+    return 0
+
+
+def _review(config: LoraflowConfig) -> int:
+    from loraflow.flows.review import review
+
+    quiet_library_logs()
+    sheet = review(config)
+    print(f"data review: {sheet} (mark rows drop or relabel:<label> in its action column; data.corrections)")
     return 0
 
 
@@ -248,17 +292,25 @@ def _run_config_command(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
     _quiet_user_error_tracebacks()
     if args.command == "runs":
-        print(runs_table(config))
+        print(sweep_leaderboard(config, args.sweep) if args.sweep is not None else runs_table(config))
         return 0
     if args.command == "notify":
         return _notify(config)
     if args.command == "plan":
         return _plan(config, args.gpu_memory)
+    if args.command == "sweep":
+        from loraflow.tasks.sweep import check_trials
+
+        check_trials(config)  # every trial's settings, before a server starts or anything trains
     from loraflow.server import temporary_server
 
     with temporary_server():
+        if args.command == "sweep":
+            return _sweep(config)
         if args.command == "validate":
             return _validate(config)
+        if args.command == "review":
+            return _review(config)
         if args.command == "retrain":
             return _retrain(config)
         return _run(config, refresh=getattr(args, "refresh", False))
@@ -292,11 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, text in (
         ("validate", "ingest and check the data contract only"),
+        ("review", "list suspect labels, conflicts and train/dev near-duplicates in review.xlsx (no model)"),
         ("retrain", "train a challenger on changed data; promote it if it beats the production model"),
         ("notify", "tell the Prefect server the config's data changed (starts its retrain deployment)"),
-        ("runs", "list a config's finished runs with their key metrics"),
+        ("sweep", "train one run per trial of the config's sweep section; rank them; register the best"),
     ):
         commands.add_parser(name, parents=[overrides], help=text).add_argument("config")
+    runs = commands.add_parser(
+        "runs", parents=[overrides], help="list a config's finished runs with their key metrics"
+    )
+    runs.add_argument("config")
+    runs.add_argument(
+        "--sweep",
+        nargs="?",
+        const="latest",
+        metavar="ID",
+        help="show a sweep's leaderboard instead (the latest one when no ID is given)",
+    )
     plan = commands.add_parser(
         "plan",
         parents=[overrides],
@@ -326,6 +390,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--separator", default=None, help="column separator of .csv/.tsv input (default: ',' or a tab)"
     )
     predict.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a trained model over HTTP (POST /predict, GET /health, GET /info); batches requests",
+        description="Serve MODEL over HTTP; a models/<name>/production link is followed and a newly "
+        "promoted champion swapped in without dropping a request. With LORAFLOW_SERVE_TOKEN set, every "
+        "endpoint but /health requires 'Authorization: Bearer <token>'.",
+    )
+    serve.add_argument("model", help="run folder, its merged/ or models/<name>/production")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--max-batch", type=int, default=32, help="rows scored together (default 32)")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="how long a batch waits for requests (default 10)"
+    )
+    serve.add_argument("--max-rows", type=int, default=256, help="rows per request at most (default 256)")
+    serve.add_argument("--max-chars", type=int, default=4000, help="characters per cell at most (4000)")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="request body size at most (default 1 MiB)"
+    )
+    serve.add_argument(
+        "--poll-seconds", type=float, default=5.0, help="how often to check the registry link (default 5)"
+    )
     compare = commands.add_parser("compare", help="two runs' config differences and metrics side by side")
     compare.add_argument("runs", nargs=2, metavar="RUN_FOLDER")
     commands.add_parser(
@@ -343,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with _signals_interrupt():
-            if args.command == "predict":
+            if args.command == "serve":
+                code = _serve(args)
+            elif args.command == "predict":
                 _quiet_user_error_tracebacks()
                 code = _predict(args)
             elif args.command == "compare":

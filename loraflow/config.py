@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     Tag,
     TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -135,6 +136,12 @@ class DataSettings(_Settings):
         "stratified, taken before the dev split); 0 = no test split.",
     )
     split_seed: int = Field(0, description="Seed of the train/dev/test splits.")
+    corrections: Path | None = Field(
+        None,
+        description="A review sheet (review.xlsx) or table with split, row and action columns: each row "
+        "whose action is drop or relabel:<label> is dropped or relabelled at ingest (the data files are "
+        "never rewritten; what was applied is recorded in ingest.json); empty = none.",
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -325,6 +332,13 @@ class TrainSettings(_Settings):
         ge=1,
         description="Stop when dev macro-F1 has not improved for this many evaluations; empty = never.",
     )
+    stop_below: dict[float, float] = Field(
+        default_factory=dict,
+        description="Floors on dev macro-F1 by share of the run, e.g. {0.5: 0.6}: at an evaluation at or "
+        "past half the steps, a best dev macro-F1 so far below 0.6 stops training (the best checkpoint is "
+        "merged as usual). A sweep's median rule sets it for each trial from the trials finished before; "
+        "empty = never.",
+    )
     logging_steps: int = Field(5, ge=1, description="Log loss every N steps.")
     seed: int = Field(42, description="Seed for data order, dropout and LoRA init.")
     tracking_uri: str | None = Field(
@@ -333,8 +347,23 @@ class TrainSettings(_Settings):
         "(needs mlflow installed). TensorBoard event files always go to the run folder.",
     )
 
+    @field_validator("stop_below")
+    @classmethod
+    def _shares_and_floors(cls, floors: dict[float, float]) -> dict[float, float]:
+        bad = [
+            f"{share}: {floor}" for share, floor in floors.items() if not (0 < share <= 1 and 0 <= floor <= 1)
+        ]
+        if bad:
+            raise ValueError(
+                "expected share of the run (0 < share <= 1): floor on dev macro-F1 (0..1), got "
+                + ", ".join(bad)
+            )
+        return dict(sorted(floors.items()))
+
     @model_validator(mode="after")
     def _selection_needs_evaluation(self) -> TrainSettings:
+        if self.eval_steps == 0 and self.stop_below:
+            raise ValueError("train.stop_below needs evaluation during training: let train.eval_steps be")
         if self.eval_steps == 0 and (self.select_best or self.early_stopping_patience):
             raise ValueError(
                 "train.eval_steps: 0 turns off evaluation during training, which select_best and "
@@ -390,6 +419,49 @@ class ContractSettings(_Settings):
     )
 
 
+class ReviewSettings(_Settings):
+    """The data review (tasks/review.py): suspect labels, conflicting copies and train/dev near-duplicates,
+    written to review.xlsx before any model loads (dev rows again from the fine-tuned model)."""
+
+    enabled: bool = Field(
+        True, description="Run the review in the training flows (seconds: k cross-validated TF-IDF fits)."
+    )
+    folds: int = Field(
+        5,
+        ge=2,
+        le=20,
+        description="Cross-validation folds for the train rows' out-of-sample probabilities; more = each "
+        "fold's model sees more rows, for proportionally more fits.",
+    )
+    similarity: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Cosine similarity of character 3-5-gram TF-IDF vectors of the normalised text at or "
+        "above which a dev row is a near-duplicate of a train row; lower = more pairs, more of them "
+        "unrelated.",
+    )
+    max_suspect_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Fail the run when more than this share of train rows look mislabelled; empty = report "
+        "only, never fail.",
+    )
+    max_conflicts: int | None = Field(
+        None,
+        ge=0,
+        description="A contract expectation: fail when more than this many rows share their text with a row "
+        "of another label; empty = count only.",
+    )
+    max_near_duplicates: int | None = Field(
+        None,
+        ge=0,
+        description="A contract expectation: fail when more than this many dev rows are near-duplicates of "
+        "train rows (review.similarity); empty = count only.",
+    )
+
+
 class HubSettings(_Settings):
     """Optional publishing of the merged model to the Hugging Face hub after each run."""
 
@@ -431,6 +503,128 @@ class ComputeSettings(_Settings):
         return value
 
 
+class SweepRange(_Settings):
+    """A continuous or integer range of one swept setting: exactly one of the three."""
+
+    uniform: tuple[float, float] | None = Field(None, description="Any value in [low, high], evenly.")
+    log_uniform: tuple[float, float] | None = Field(
+        None, description="Any value in [low, high], evenly on a log scale (learning rates); low > 0."
+    )
+    int_uniform: tuple[int, int] | None = Field(None, description="An integer in [low, high], evenly.")
+
+    @model_validator(mode="after")
+    def _one_range(self) -> SweepRange:
+        given = [(kind, bounds) for kind, bounds in self if bounds is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of uniform, log_uniform or int_uniform: [low, high]")
+        kind, (low, high) = given[0]
+        if not low < high:
+            raise ValueError(f"{kind}: low must be below high (got [{low}, {high}])")
+        if kind == "log_uniform" and low <= 0:
+            raise ValueError(f"log_uniform: low must be > 0 (got {low})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """uniform, log_uniform or int_uniform."""
+        return next(kind for kind, bounds in self if bounds is not None)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high)."""
+        return next(bounds for _, bounds in self if bounds is not None)
+
+
+# What a sweep may not vary: where runs go and what they are called (every trial is a run of this config).
+UNSWEPT = ("name", "output_dir", "registry", "sweep", "hub", "compute")
+
+
+class SweepSettings(_Settings):
+    """A search over settings: `loraflow sweep CONFIG.yaml` trains one run of this config per trial, each
+    with the trial's values, and ranks them on dev. `loraflow run` ignores this section."""
+
+    space: dict[str, list[Any] | SweepRange] = Field(
+        description="Settings to vary, by their path in this file: a list of values (lora.r: [8, 16, 32], "
+        "approach: [generative, classifier]) or a range ({log_uniform: [1e-4, 2e-3]}, {uniform: [1, 3]}, "
+        "{int_uniform: [8, 64]}).",
+        min_length=1,
+    )
+    sampler: Literal["grid", "random", "tpe"] = Field(
+        "grid",
+        description="grid = every combination of the lists (in a seeded order when trials is smaller); "
+        "random = seeded independent draws; tpe = Optuna's TPE, which asks for each next trial from the "
+        "scores so far (pip install 'loraflow[sweep]'); it pays off past ~10 trials.",
+    )
+    trials: int | None = Field(
+        None, ge=1, le=1000, description="Trials to run; empty = the whole grid (random and tpe need it)."
+    )
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Trials training at once (a Prefect concurrency limit, sweep-<name>); above 1 needs "
+        "compute.gpu_deployment: each trial's training is then a run on the GPU pool, in a process of its "
+        "own, spread over the pool's workers.",
+    )
+    metric: Literal["macro_f1", "accuracy"] = Field(
+        "macro_f1", description="What ranks the trials, scored on dev (the test split never picks anything)."
+    )
+    seed: int = Field(0, description="Seed of the sampler (the trials' own seed is train.seed).")
+    prune: bool = Field(
+        True,
+        description="Median rule: a trial whose best dev macro-F1 at half (and three quarters) of its run "
+        "is below the median of the finished trials' at the same share stops there (train.stop_below); "
+        "it frees the slot for the next trial, at the risk of stopping a slow starter.",
+    )
+    prune_after: int = Field(
+        3, ge=1, description="Finished trials needed before the median rule stops any (fewer: too noisy)."
+    )
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _values_or_range(cls, space: Any) -> Any:
+        """Each value a list or one range, with one message per bad entry rather than the union's two."""
+        if not isinstance(space, dict):
+            return space
+        parsed = {}
+        for key, values in space.items():
+            if isinstance(values, dict):
+                unknown = [k for k in values if k not in SweepRange.model_fields]
+                if unknown:
+                    hint = did_you_mean(str(unknown[0]), list(SweepRange.model_fields))
+                    raise ValueError(
+                        f"{key}: unknown range {unknown[0]!r}{hint}; use uniform, log_uniform or int_uniform"
+                    )
+                try:
+                    values = SweepRange.model_validate(values)
+                except ValidationError as e:
+                    reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in e.errors())
+                    raise ValueError(f"{key}: {reasons}") from None
+            elif not isinstance(values, list | SweepRange):
+                raise ValueError(
+                    f"{key}: expected a list of values or a range such as {{uniform: [0.1, 0.5]}}, "
+                    f"got {values!r}"
+                )
+            parsed[key] = values
+        return parsed
+
+    @model_validator(mode="after")
+    def _lists_not_empty(self) -> SweepSettings:
+        empty = [key for key, values in self.space.items() if isinstance(values, list) and not values]
+        if empty:
+            raise ValueError(f"space: {', '.join(empty)}: give at least one value")
+        if self.sampler == "grid":
+            ranges = [key for key, values in self.space.items() if isinstance(values, SweepRange)]
+            if ranges:
+                raise ValueError(
+                    f"space: {', '.join(ranges)}: a grid needs lists of values; list some values, "
+                    "or set sampler: random or tpe for ranges"
+                )
+        elif self.trials is None:
+            raise ValueError(f"trials: the {self.sampler} sampler needs a budget, e.g. trials: 8")
+        return self
+
+
 class TaskConfig(_Settings):
     """What every classification task has, whichever the approach: data, model, LoRA, training, the data
     contract, where it runs and where runs go. A config is a GenerativeConfig or a ClassifierConfig."""
@@ -443,10 +637,14 @@ class TaskConfig(_Settings):
     contract: ContractSettings = ContractSettings()
     compute: ComputeSettings = ComputeSettings()
     hub: HubSettings = HubSettings()
+    review: ReviewSettings = ReviewSettings()
     output_dir: Path = Field(Path("runs"), description="Folder that holds runs and the work cache.")
     registry: Path = Field(
         Path("models"),
         description="Model registry of the retrain flow: <registry>/<name>/production is the champion.",
+    )
+    sweep: SweepSettings | None = Field(
+        None, description="A search over these settings, run by `loraflow sweep`; empty = no sweep."
     )
 
     @field_validator("name")
@@ -455,6 +653,33 @@ class TaskConfig(_Settings):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError("use letters, digits, '.', '_' or '-' (it names a folder)")
         return name
+
+    @model_validator(mode="after")
+    def _sweep_paths_exist(self) -> TaskConfig:
+        """Every swept path names a setting (of either approach's config when the approach is swept too), with
+        a did-you-mean, and none of UNSWEPT."""
+        if self.sweep is None:
+            return self
+        models = list(CONFIGS.values()) if "approach" in self.sweep.space else [type(self)]
+        problems = []
+        if self.sweep.parallel > 1 and not self.compute.gpu_deployment:
+            problems.append(
+                f"parallel: {self.sweep.parallel} trials at once need compute.gpu_deployment (each trial's "
+                "training a run on the GPU pool, in a process of its own); in one process trials train one "
+                "at a time (accelerate keeps one training state per process): set parallel: 1"
+            )
+        for key in self.sweep.space:
+            if key.split(".")[0] in UNSWEPT:
+                problems.append(f"{key}: a sweep varies training, not {', '.join(UNSWEPT)}")
+            elif key != "approach":
+                found = [_setting_problem(model, key) for model in models]
+                if all(found):
+                    problems.append(found[0])
+        if problems:
+            raise ValueError(
+                "; ".join(f"sweep.{p}" if p.startswith("parallel") else f"sweep.space: {p}" for p in problems)
+            )
+        return self
 
     def _check_template(self, where: str, template: str) -> None:
         """The template's placeholders must be among data.text_columns (when given), or be the inputs."""
@@ -477,6 +702,22 @@ class TaskConfig(_Settings):
         if self.data.text_columns:
             return list(self.data.text_columns)
         return sorted(template_fields(template)) if template else []
+
+
+def _setting_problem(model: Any, key: str) -> str | None:
+    """What is wrong with the dotted setting `key` of the config class `model`; None when it names one."""
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None) or {}
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the config"
+            return f"{key}: no setting {part!r} in {where}{did_you_mean(part, list(fields))}"
+        annotation = fields[part].annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if model is not None:
+        return f"{key}: is a section; sweep one of its settings, e.g. {key}.{next(iter(model.model_fields))}"
+    return None
 
 
 def _forbid_section(raw: Any, section: str, message: str) -> Any:

@@ -28,6 +28,10 @@ class ResourceError(UserError):
     """The machine ran out of something (GPU memory); the message says which settings to lower."""
 
 
+class SweepError(UserError):
+    """No trial of a sweep finished; the message says where each trial's error is."""
+
+
 # Names users bring from Hugging Face TrainingArguments, peft and the seed notebooks.
 ALIASES = {
     "rank": "r",

@@ -44,13 +44,18 @@ def _format_errors(error: ValidationError) -> list[str]:
             problems.append(f"{path}: required field missing")
         else:
             message = item["msg"].removeprefix("Value error, ")
+            head = message.partition(": ")[0]
+            if " " not in head and head.split(".")[0] in _model_fields_at(model, loc):  # names its own field
+                problems.append(f"{path}.{message}" if loc else message)
+                continue
             value = item.get("input")
             shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
             problems.append(f"{path}: {message}{shown}")
     return problems
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested mappings, creating sections as needed; a value in the way is a ConfigError."""
     node = raw
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -75,6 +80,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 _PATH_FIELDS = (
     ("data", "train"),
     ("data", "dev"),
+    ("data", "corrections"),
     ("contract", "extra_suite"),
     ("output_dir",),
     ("registry",),
@@ -133,7 +139,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Generat
     raw.setdefault("output_dir", "runs")
     raw.setdefault("registry", "models")
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     _resolve_paths(raw, path.parent.resolve())
     try:
         return validate_config(raw)
@@ -142,6 +148,44 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Generat
         raise ConfigError(
             f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
         ) from e
+
+
+def _to_generative(raw: dict[str, Any]) -> dict[str, Any]:
+    """A classifier config's raw settings as the generative approach's, asking the same input text: the
+    join template (or the text columns, joined by blank lines) becomes the user message."""
+    classifier = raw.pop("classifier", None) or {}
+    columns = raw["data"].get("text_columns") or []
+    template = classifier.get("template") or "\n\n".join(f"{{{c}}}" for c in columns)
+    return raw | {"approach": "generative", "prompt": {"system": "", "template": template}}
+
+
+def _to_classifier(raw: dict[str, Any]) -> dict[str, Any]:
+    """A generative config's raw settings as the classifier approach's: the user message template joins
+    the same columns into the text the head reads (the system message has no part in it)."""
+    prompt = raw.pop("prompt", None) or {}
+    return raw | {"approach": "classifier", "classifier": {"template": prompt.get("template")}}
+
+
+_INTO_APPROACH = {"generative": _to_generative, "classifier": _to_classifier}
+
+
+def with_settings(
+    config: TaskConfig, settings: dict[str, Any], where: str
+) -> GenerativeConfig | ClassifierConfig:
+    """The config with each dotted setting replaced (`approach` first: the other approach's config asks
+    the same input text), validated; the problems are one ConfigError that starts with `where`."""
+    raw = config.model_dump(mode="json")
+    target = settings.get("approach", raw["approach"])
+    if target != raw["approach"] and target in _INTO_APPROACH:
+        raw = _INTO_APPROACH[target](raw)
+    for key, value in settings.items():
+        if key != "approach":
+            set_dotted(raw, key, value)
+    try:
+        return validate_config(raw)
+    except ValidationError as e:
+        problems = _format_errors(e)
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from e
 
 
 def dump_config(config: TaskConfig) -> str:

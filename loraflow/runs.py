@@ -32,7 +32,7 @@ def _f1(m: dict[str, Any] | None) -> str:
 
 def runs_table(config: LoraflowConfig) -> str:
     """A markdown table of the config's runs: when, steps, training time, baseline and fine-tuned scores."""
-    runs = finished_runs(config)
+    runs, sweeps = finished_runs(config), _sweeps(config)
     if not runs:
         return f"no finished runs of {config.name} under {Path(config.output_dir) / config.name}"
     lines = [
@@ -48,6 +48,52 @@ def runs_table(config: LoraflowConfig) -> str:
             f"{_f1(m['baseline'])} | {_f1(m.get('classical'))} | {m['finetuned']['accuracy']:.3f} | "
             f"{m['finetuned']['macro_f1']:.3f} |"
         )
+    if sweeps:
+        lines += [
+            "",
+            f"sweeps: {', '.join(p.name for p in sweeps)} (their trials: loraflow runs CONFIG --sweep ID)",
+        ]
+    return "\n".join(lines)
+
+
+def _sweeps(config: LoraflowConfig) -> list[Path]:
+    """The config's sweep folders (each with its sweep.json), the last updated first."""
+    parent = Path(config.output_dir) / config.name / "sweeps"
+    found = [p for p in parent.glob("*") if (p / "sweep.json").is_file()] if parent.is_dir() else []
+    return sorted(
+        found, key=lambda p: json.loads((p / "sweep.json").read_text()).get("updated", ""), reverse=True
+    )
+
+
+def sweep_leaderboard(config: LoraflowConfig, which: str = "latest") -> str:
+    """A sweep's leaderboard.md (`which`: its id, or latest), with the other sweeps of the config named."""
+    sweeps = _sweeps(config)
+    if not sweeps:
+        return f"no sweeps of {config.name} under {Path(config.output_dir) / config.name / 'sweeps'}"
+    chosen = sweeps[0] if which == "latest" else next((p for p in sweeps if p.name == which), None)
+    if chosen is None:
+        raise UserError(
+            f"no sweep {which!r} of {config.name}; its sweeps: {', '.join(p.name for p in sweeps)}"
+        )
+    board = chosen / "leaderboard.md"
+    text = board.read_text(encoding="utf-8") if board.is_file() else _trials_so_far(chosen)
+    others = [p.name for p in sweeps if p != chosen]
+    return text.rstrip() + (f"\n\nother sweeps: {', '.join(others)}" if others else "")
+
+
+def _trials_so_far(folder: Path) -> str:
+    """A sweep still running (no leaderboard.md yet): its trials' states from sweep.json."""
+    record = json.loads((folder / "sweep.json").read_text())
+    lines = [
+        f"sweep {folder.name} of {record['config']} (running)",
+        "",
+        f"| trial | settings | state | dev {record['metric']} |",
+        "|---|---|---|---|",
+    ]
+    for t in record["trials"]:
+        settings = ", ".join(f"{k}={v}" for k, v in t["params"].items())
+        score = f"{t[record['metric']]:.4f}" if record["metric"] in t else "-"
+        lines.append(f"| {t['number']} | {settings} | {t['state']} | {score} |")
     return "\n".join(lines)
 
 

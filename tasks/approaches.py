@@ -159,6 +159,8 @@ class Approach:
     fit: Callable[[Any, Ref, str], Outputs]  # prepared data → model, adapter, merged, evaluations
     score: Callable[[Any, Ref, Ref, str], Ref]  # (splits, a merged model) → its dev evaluation
     probabilities: Callable[[Path, ModelManifest, pd.DataFrame, int], np.ndarray]  # a model folder's
+    # the model folder loaded once → (rows, batch size, progress or None) → probabilities (loraflow serve)
+    scorer: Callable[[Path, ModelManifest], Callable[[pd.DataFrame, int, str | None], np.ndarray]]
     # (config, splits, store[, plain]) → the prepared data fit trains on; plain: not as a Prefect task run
     prepare: Callable[..., Ref]
     # (prepared data, the model folder) → each train row's token length, and the head's label count
@@ -170,6 +172,7 @@ APPROACHES = {
         _fit_generative,
         _score_generative,
         generative_predict.probabilities,
+        generative_predict.load_scorer,
         _prepare_generative,
         _lengths_generative,
     ),
@@ -177,6 +180,7 @@ APPROACHES = {
         _fit_classifier,
         _score_classifier,
         classifier_predict.probabilities,
+        classifier_predict.load_scorer,
         _prepare_classifier,
         _lengths_classifier,
     ),

@@ -18,8 +18,9 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from loraflow.config import ContractSettings
+from loraflow.config import ContractSettings, ReviewSettings
 from loraflow.errors import DataError, shown
+from loraflow.tasks.duplicates import find_conflicts, find_near_duplicates
 from loraflow.tasks.ingest import LABEL, ROW, read_meta, read_split, split_names
 from loraflow.tasks.store import (
     CONTENT_CACHE,
@@ -221,6 +222,62 @@ def _overlap_check(overlap: dict[str, Any], dev_rows: int, contract: ContractSet
     }
 
 
+def _count_check(
+    split: str, expectation: str, count: int, most: int | None, observed: str, samples: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A count the review measures: informative unless the user set `most` (review.max_*), then critical."""
+    return {
+        "split": split,
+        "expectation": expectation,
+        "column": None,
+        "success": count <= (most if most is not None else 0),
+        "severity": "critical" if most is not None else "info",
+        "unexpected_count": count,
+        "observed": observed,
+        "samples": samples[:SAMPLES],
+        "error": None,
+    }
+
+
+def _duplicate_checks(
+    frames: dict[str, pd.DataFrame], columns: list[str], review: ReviewSettings
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows sharing their text with a row of another label, and dev rows near train rows
+    (tasks/duplicates.py): the checks and their counts for contract.json."""
+    conflicts = find_conflicts(frames, columns)
+    near = find_near_duplicates(frames["train"], frames["dev"], columns, review.similarity)
+    groups = int(conflicts["group"].nunique()) if len(conflicts) else 0
+    counts = {
+        "conflicts": len(conflicts),
+        "conflict_groups": groups,
+        "near_duplicates": len(near),
+        "similarity": review.similarity,
+    }
+    checks = [
+        _count_check(
+            "all",
+            "rows_without_conflicting_labels",
+            len(conflicts),
+            review.max_conflicts,
+            f"{len(conflicts)} row(s) in {groups} group(s) share their text with a row of another label",
+            [{"split": r.split, "row": int(r.row), "label": r.label} for r in conflicts.itertuples()],
+        ),
+        _count_check(
+            "dev",
+            "dev_rows_not_near_train",
+            len(near),
+            review.max_near_duplicates,
+            f"{len(near)} of {len(frames['dev'])} dev rows have a train row of similarity "
+            f">= {review.similarity}",
+            [
+                {"row": int(r.row), "train_row": int(r.train_row), "similarity": float(r.similarity)}
+                for r in near.itertuples()
+            ],
+        ),
+    ]
+    return checks, counts
+
+
 FIXES = {  # what to do about each kind of violation, shown after it
     "expect_column_to_exist": "check the column name in the config against the file's header",
     "expect_column_values_to_not_be_null": "fill the empty cells or delete those rows",
@@ -232,6 +289,10 @@ FIXES = {  # what to do about each kind of violation, shown after it
     "at_least_two_classes": "train needs at least two labels to learn from; check data.label_column",
     "dev_rows_not_in_train": "give data.dev a file of other rows (data.train and data.dev may name the same "
     "file), leave data.dev empty to hold out part of train, or set contract.max_dev_in_train: 1 to accept",
+    "rows_without_conflicting_labels": "give each text one label (`loraflow review` lists them; mark the "
+    "rows in its conflicts sheet and pass it as data.corrections), or raise review.max_conflicts",
+    "dev_rows_not_near_train": "drop those dev rows or their train copies (`loraflow review`, "
+    "near-duplicates sheet, data.corrections), or raise review.max_near_duplicates",
 }
 
 
@@ -273,9 +334,18 @@ def describe_violation(check: dict[str, Any]) -> str:
     task_run_name=named_for_config("check-contract"),
     cache_policy=CONTENT_CACHE + CacheKeyFnPolicy(cache_key_fn=_suite_key),
 )
-def check_contract(splits: Ref, columns: list[str], contract: ContractSettings, store: str) -> Ref:
-    """Validate train, dev (and test); save contract.json; fail listing every critical violation at once."""
-    key = digest_of("contract", splits.digest, columns, contract, _suite_key(None, {"contract": contract}))
+def check_contract(
+    splits: Ref,
+    columns: list[str],
+    contract: ContractSettings,
+    store: str,
+    review: ReviewSettings = ReviewSettings(),  # noqa: B008 - frozen settings, never mutated
+) -> Ref:
+    """Validate train, dev (and test); save contract.json; fail listing every critical violation at once.
+    Conflicting labels and train/dev near-duplicates are counted, and critical only past review.max_*."""
+    duplicates = (review.similarity, review.max_conflicts, review.max_near_duplicates)
+    suite = _suite_key(None, {"contract": contract})
+    key = digest_of("contract", splits.digest, columns, contract, suite, *duplicates)
     folder, result = step_output(store, "contract", key)
     if is_complete(folder):
         return result
@@ -288,12 +358,15 @@ def check_contract(splits: Ref, columns: list[str], contract: ContractSettings, 
     checks += _class_checks(frames["train"], labels, contract)
     overlap = _overlap(frames["train"], frames["dev"], columns)
     checks.append(_overlap_check(overlap, len(frames["dev"]), contract))
+    duplicate_checks, duplicate_counts = _duplicate_checks(frames, columns, review)
+    checks += duplicate_checks
     report = {
         "success": all(c["success"] for c in checks if c["severity"] == "critical"),
         "labels": labels,
         "rows": {split: len(frame) for split, frame in frames.items()},
         "checks": checks,
         "train_dev_overlap": overlap,
+        "duplicates": duplicate_counts,
     }
     create_table_artifact(
         key="data-contract",

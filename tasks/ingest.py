@@ -17,6 +17,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.config import DataSettings, normalize_label
 from loraflow.errors import shown
+from loraflow.tasks.corrections import Corrections
 from loraflow.tasks.store import (
     CONTENT_CACHE,
     Ref,
@@ -36,9 +37,11 @@ SPELLING = "_label_as_written"  # the label cell as read, before normalising (dr
 
 
 def source_digests(data: DataSettings) -> dict[str, str]:
-    """sha256 of each data file (train, dev, test): what makes data "new" to caching and retraining."""
+    """sha256 of each data file (train, dev, test, corrections): what makes data "new" to caching and
+    retraining."""
     digests = {}
-    for field, path in (("train", data.train), ("dev", data.dev), ("test", data.test)):
+    files = (("train", data.train), ("dev", data.dev), ("test", data.test), ("corrections", data.corrections))
+    for field, path in files:
         if path is None:
             continue
         require_file(Path(path), f"check data.{field} in the config (relative to the config's folder)")
@@ -134,20 +137,28 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
     if is_complete(folder):
         return result
     blank: dict[str, int] = {}
+    corrections = Corrections(data.corrections) if data.corrections is not None else None
+    known: list[str] = []  # what a relabel may name: the allowed labels, as the train file has them
 
-    def read(path: Path) -> pd.DataFrame:
+    def read(path: Path, splits: tuple[str, ...]) -> pd.DataFrame:
         frame = _select(_read_file(path, data), path, columns, data.label_column)
         blank[str(path)] = frame.attrs["blank_rows"]
+        known[:] = known or infer_labels(data, frame[LABEL])  # the train file is read first
+        if corrections is not None:  # before any split is held out: a held-out row is a train file row
+            frame = corrections.apply(frame, path, splits, known, (LABEL, SPELLING))
         return frame
 
-    train = read(data.train)
+    held_out_of_train = ("dev",) * (data.dev is None) + ("test",) * (
+        data.test is None and data.test_fraction > 0
+    )
+    train = read(data.train, ("train", *held_out_of_train))
     test = None
     if data.test is not None:
-        test = read(data.test)
+        test = read(data.test, ("test",))
     elif data.test_fraction > 0:  # held out first, so that the dev split never overlaps it
         train, test = split_stratified(train, data.test_fraction, data.split_seed + 1)
     if data.dev is not None:
-        dev = read(data.dev)
+        dev = read(data.dev, ("dev",))
     else:
         train, dev = split_stratified(train, data.dev_fraction, data.split_seed)
     if any(blank.values()):
@@ -155,6 +166,8 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
             "skipped rows with nothing in the text and label columns: %s",
             "; ".join(f"{path}: {n}" for path, n in blank.items() if n),
         )
+    if corrections is not None:
+        corrections.check()
     frames = {"train": train, "dev": dev} | ({"test": test} if test is not None else {})
     labels = infer_labels(data, train[LABEL])
     spellings = label_spellings(*frames.values())
@@ -178,6 +191,8 @@ def ingest_table(data: DataSettings, columns: list[str], store: str) -> Ref:
             "label_spellings": spellings,
             "blank_rows_skipped": blank,
         }
+        if corrections is not None:
+            meta["corrections"] = corrections.record(sources[str(data.corrections)])
         (tmp / "ingest.json").write_text(json.dumps(meta, indent=1))
     return result
 

@@ -114,10 +114,48 @@ def without_evaluation(train: TrainSettings) -> TrainSettings:
 
 
 def selection_callbacks(train: TrainSettings) -> list[TrainerCallback]:
-    """Early stopping on dev macro-F1, when train.early_stopping_patience is set."""
-    if not train.early_stopping_patience:
-        return []
-    return [EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience)]
+    """Early stopping on dev macro-F1, when train.early_stopping_patience is set, and the floors of
+    train.stop_below."""
+    callbacks: list[TrainerCallback] = [_StopBelow(train.stop_below)] if train.stop_below else []
+    if train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    return callbacks
+
+
+class _StopBelow(TrainerCallback):
+    """train.stop_below: at an evaluation at or past a share of the run, a best dev macro-F1 so far below
+    that share's floor stops training (a sweep's median rule). The best so far is read from the Trainer's
+    log history, which a resumed run restores, so the rule needs no state of its own."""
+
+    def __init__(self, floors: dict[float, float]) -> None:
+        self.floors = floors
+        self.stopped: dict[str, Any] | None = None
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        scores = [e["eval_macro_f1"] for e in state.log_history if "eval_macro_f1" in e]
+        if not scores or not state.max_steps or state.global_step >= state.max_steps:
+            return
+        share, best = state.global_step / state.max_steps, max(scores)
+        for at, floor in self.floors.items():
+            if at <= share + 1e-9 and best < floor:
+                self.stopped = {"step": state.global_step, "share": at, "floor": floor, "best_macro_f1": best}
+                run_logger().info(
+                    "stopping at step %d of %d: the best dev macro-F1 so far, %.4f, is below %.4f, the floor "
+                    "at %d%% of the run (train.stop_below)",
+                    state.global_step,
+                    state.max_steps,
+                    best,
+                    floor,
+                    round(at * 100),
+                )
+                control.should_training_stop = True
+                return
+
+
+def stopped_below(trainer: Trainer) -> dict[str, Any] | None:
+    """Where train.stop_below stopped the trainer's run: step, share, floor and best; None if it did not."""
+    rule = next((c for c in trainer.callback_handler.callbacks if isinstance(c, _StopBelow)), None)
+    return rule.stopped if rule else None
 
 
 def dev_metrics(gold: Sequence[int], scores: np.ndarray, loss: float) -> dict[str, float]:
@@ -521,6 +559,26 @@ class _RecordProgress(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.progress.step = state.global_step
         stop_if_a_signal_was_lost()
+        stop_if_the_process_is_ending()
+
+
+_stop_threads = threading.Event()
+
+
+def stop_training_threads() -> None:
+    """Ask every training thread of this process (a sweep's trials) to stop at its next step's end: a
+    Ctrl-C or SIGTERM reached the main thread, which would otherwise wait for them to train to the end."""
+    _stop_threads.set()
+
+
+def stop_if_the_process_is_ending() -> None:
+    """In a thread that trains (a sweep's trial): stop at this step's end when `stop_training_threads` was
+    called or the main thread has ended, not after the last step. The checkpoints stay: the next run
+    resumes from the last one."""
+    if threading.current_thread() is threading.main_thread():
+        return
+    if _stop_threads.is_set() or not threading.main_thread().is_alive():
+        raise KeyboardInterrupt("the process is stopping: training stops at this step")
 
 
 def train_resuming(trainer: Trainer, checkpoints: Path) -> int:
@@ -580,7 +638,7 @@ def save_trained(
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "truncated_rows": truncated_rows,
         "device": str(trainer.args.device),
-        "selection": selection_record(state, trainer.args.load_best_model_at_end),
+        "selection": selection_record(state, trainer.args.load_best_model_at_end, stopped_below(trainer)),
     }
     if truncated_rows:
         run_logger().warning(
@@ -600,7 +658,9 @@ def save_trained(
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
 
 
-def selection_record(state: Any, select_best: bool) -> dict[str, Any] | None:
+def selection_record(
+    state: Any, select_best: bool, stopped_below: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The dev curve scored during training and which step was kept (train.json's `selection`); None when
     nothing was scored during training."""
     curve = [
@@ -624,6 +684,8 @@ def selection_record(state: Any, select_best: bool) -> dict[str, Any] | None:
         "best_step": best,
         "best_macro_f1": max(point["macro_f1"] for point in curve),
         "stopped_early": state.global_step < state.max_steps,
+        "stopped_below": stopped_below,
+        "max_steps": int(state.max_steps),
         "curve": curve,
     }
 

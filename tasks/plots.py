@@ -173,3 +173,35 @@ def draw_plots(folder: Path, metrics: dict[str, Any], log_history: list[dict[str
     scored = {name: metrics[name] for name in ("baseline", "classical", "finetuned") if metrics.get(name)}
     drawn[PLOTS["f1"]] = plot_f1(metrics["labels"], scored, folder / PLOTS["f1"])
     return drawn
+
+
+def plot_sweep(trials: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -> str | None:
+    """A sweep's finished trials: the dev `metric` against each swept setting, one panel per setting (a
+    number on its axis, log-scaled when the values span more than 20×; other values as categories), the
+    best trial in orange. Returns the compact copy; None before any trial finished."""
+    done = [t for t in trials if metric in t]
+    if not done:
+        return None
+    best = max(done, key=lambda t: t[metric])
+    figure = Figure(figsize=(3.2 * len(keys) + 0.6, 3.0))
+    for i, key in enumerate(keys):
+        axes = figure.add_subplot(1, len(keys), i + 1, sharey=figure.axes[0] if i else None)
+        values = [t["params"][key] for t in done]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric:
+            x = [float(v) for v in values]
+            if min(x) > 0 and max(x) / min(x) > 20:
+                axes.set_xscale("log")
+        else:
+            categories = list(dict.fromkeys(str(v) for v in values))
+            x = [categories.index(str(v)) for v in values]
+            axes.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 3 else 0)
+        colours = ["tab:orange" if t is best else "tab:blue" for t in done]
+        axes.scatter(x, [t[metric] for t in done], c=colours, s=36, zorder=3)
+        axes.set_xlabel(key)
+        axes.grid(alpha=0.3)
+        if i == 0:
+            axes.set_ylabel(f"dev {metric.replace('_', '-').replace('macro-f1', 'macro-F1')}")
+    figure.suptitle(f"{len(done)} trial(s); best: trial {best['number']}", fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)

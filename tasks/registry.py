@@ -97,7 +97,9 @@ def settle_challenger(
     record the decision in history.jsonl; `champion` is None when there is none yet."""
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     challenger = {"run": run_dir, "macro_f1": metrics["finetuned"]["macro_f1"]}
-    record = {k: record[k] for k in ("at", "data", "config")} | {"challenger": challenger}
+    record = {k: record[k] for k in ("at", "data", "config", "source") if k in record} | {
+        "challenger": challenger
+    }
     record |= {"champion": champion} if champion else {}
     promoted = champion is None or challenger["macro_f1"] >= champion["macro_f1"]
     record |= {"promoted": promoted, "decision": "promoted" if promoted else "kept champion"}
@@ -171,4 +173,4 @@ def failed_attempt(config: LoraflowConfig, started: datetime | None, error: str)
 
 def config_digest(config: LoraflowConfig) -> str:
     """What, besides the data, makes a challenger worth training: every setting but where things run or go."""
-    return digest_of(config.model_dump(mode="json", exclude={"output_dir", "registry", "compute"}))
+    return digest_of(config.model_dump(mode="json", exclude={"output_dir", "registry", "compute", "sweep"}))

@@ -26,6 +26,13 @@ from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.metrics import read_evaluation
 from loraflow.tasks.models import default_cache_dir
 from loraflow.tasks.plots import dev_losses, draw_plots
+from loraflow.tasks.review import (
+    finetuned_suspects,
+    publish_review,
+    ranked_suspects,
+    review_lines,
+    write_review_book,
+)
 from loraflow.tasks.store import Ref, artifact_key, link_tree, named_for_config, write_manifest
 
 MODELS = ("baseline", "classical", "finetuned")  # metrics.json's keys, in the order reports list them
@@ -111,12 +118,16 @@ def verdict(metrics: dict[str, Any]) -> list[str]:
 
 
 def render_report(
-    metrics: dict[str, Any], run_dir: Path, plots: dict[str, str] | None = None, inline: bool = False
+    metrics: dict[str, Any],
+    run_dir: Path,
+    plots: dict[str, str] | None = None,
+    inline: bool = False,
+    review: list[str] | None = None,
 ) -> str:
-    """report.md: summary, the verdict, per-class table, confusion matrix, training figures and the plots
-    (`plots`: each file's path in the run folder → its compact copy as a data URI). On disk the images are
-    the files next to report.md; `inline` puts the data URIs in instead, for the Prefect UI, which cannot
-    fetch files from the run folder."""
+    """report.md: summary, the verdict, the data review (`review`: its lines), per-class table, confusion
+    matrix, training figures and the plots (`plots`: each file's path in the run folder → its compact copy as
+    a data URI). On disk the images are the files next to report.md; `inline` puts the data URIs in instead,
+    for the Prefect UI, which cannot fetch files from the run folder."""
     labels = metrics["labels"]
     ft = metrics["finetuned"]
     test_rows = f", test rows: {metrics['n_test']}" if metrics.get("test") else ""
@@ -130,6 +141,7 @@ def render_report(
         metrics_table(metrics),
         "",
         *(sentence for said in verdict(metrics) for sentence in (said, "")),
+        *(review or []),
         "## Per class (dev)",
         "",
         "| label | support | "
@@ -218,8 +230,10 @@ def write_run_folder(
     baseline_test: Ref | None = None,
     finetuned_test: Ref | None = None,
     classical_test: Ref | None = None,
+    review: Ref | None = None,
 ) -> str:
-    """Assemble runs/<name>/<UTC timestamp>/ and publish the report as Prefect artifacts."""
+    """Assemble runs/<name>/<UTC timestamp>/ and publish the report as Prefect artifacts; with the data
+    review's findings (`review`), review.xlsx too, its dev rows judged by the fine-tuned model."""
     parent = Path(config.output_dir) / config.name
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".run-{uuid.uuid4().hex[:8]}.partial"
@@ -254,9 +268,15 @@ def write_run_folder(
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         log_history = json.loads((Path(adapter.path) / "log_history.json").read_text())
         plots = draw_plots(tmp, metrics, log_history)
+        said, suspect_dev = None, None
+        if review is not None:
+            dev_rows = read_evaluation(finetuned)[1]
+            suspect_dev = finetuned_suspects(dev_rows, metrics["labels"], read_meta(splits)["columns"])
+            counts = write_review_book(review, tmp / "review.xlsx", suspect_dev)
+            said = review_lines(counts, ranked_suspects(review, suspect_dev))
         while True:  # two runs in the same second get separate folders
             final = _claim_run_dir(parent)
-            report = render_report(metrics, final, plots)
+            report = render_report(metrics, final, plots, review=said)
             (tmp / "report.md").write_text(report, encoding="utf-8")
             write_manifest(tmp)
             try:
@@ -270,7 +290,7 @@ def write_run_folder(
             shutil.rmtree(tmp, ignore_errors=True)
     create_markdown_artifact(
         key=f"{artifact_key(config.name)}-report",
-        markdown=render_report(metrics, final, plots, inline=True),
+        markdown=render_report(metrics, final, plots, inline=True, review=said),
         description=f"Evaluation of {config.name}",
     )
     create_link_artifact(
@@ -279,6 +299,8 @@ def write_run_folder(
         link_text=str(final),
         description=f"Run folder of {config.name}: model, metrics, predictions, report and plots",
     )
+    if review is not None:
+        publish_review(review, config.name, suspect_dev)
     create_table_artifact(
         key=f"{artifact_key(config.name)}-metrics",
         table=[

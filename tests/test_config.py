@@ -166,6 +166,9 @@ ENTRYPOINTS = {
 }
 
 
+SWEEP = "flows/sweep.py:sweep"
+
+
 def _deployments_with_config() -> list[dict]:
     """prefect.yaml's deployments that carry a config (not fit/gpu, started by the training flows with
     theirs, nor predict/*, which takes a model)."""
@@ -181,12 +184,14 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs() -> None:
             assert deployment["schedules"] and deployment["triggers"][0]["match"] == {
                 "prefect.resource.id": f"loraflow.dataset.{config.name}"
             }
+        elif deployment["entrypoint"] == SWEEP:
+            assert config.sweep and config.compute.gpu_deployment == "fit/gpu"  # trials train on the pool
         else:
             assert deployment["entrypoint"] == ENTRYPOINTS[config.approach]
         assert (REPO / config.data.train).is_file() and (REPO / config.data.dev).is_file()
         assert config.contract.extra_suite is None or (REPO / config.contract.extra_suite).is_file()
     entrypoints = {d["entrypoint"] for d in deployments}
-    assert entrypoints == {*ENTRYPOINTS.values(), "flows/retrain.py:retrain"}
+    assert entrypoints == {*ENTRYPOINTS.values(), "flows/retrain.py:retrain", SWEEP}
     everything = __import__("yaml").safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     others = {d["entrypoint"]: d for d in everything if d not in deployments}
     assert set(others) == {"flows/fit.py:fit", "flows/predict.py:predict"}
@@ -202,5 +207,9 @@ def test_prefect_yaml_deployments_train_the_examples_as_configured() -> None:
     for deployment in _deployments_with_config():
         config = validate_config(deployment["parameters"]["config"])
         settled = absolute_paths(config, REPO)  # deployments run from the repository root
-        example = REPO / "examples" / config.name / "config.yaml"
-        assert settled == load_config(example), deployment["name"]
+        example = load_config(REPO / "examples" / config.name / "config.yaml")
+        if deployment["entrypoint"] == SWEEP:  # the same trials; where each one trains is the deployment's
+            example = example.model_copy(
+                update={"compute": settled.compute, "sweep": example.sweep.model_copy(update={"parallel": 2})}
+            )
+        assert settled == example, deployment["name"]

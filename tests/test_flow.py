@@ -49,6 +49,7 @@ def test_flow_writes_a_complete_run_folder_and_reruns_from_cache(
         "settle-paths-tiny-geo",
         "ingest-tiny-geo",
         "check-contract-tiny-geo",
+        "review-tiny-geo",
         "format-prompts-tiny-geo",
         "evaluate-classical",
         f"resolve-model-{tiny_model.name}",

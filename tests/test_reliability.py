@@ -193,6 +193,40 @@ def test_a_training_run_stopped_by_a_kill_ctrl_c_or_sigterm_resumes_from_its_las
     assert not list(work.glob("train-*.checkpoints"))  # the finished adapter replaced them
 
 
+def test_ctrl_c_stops_a_sweep_whose_trials_train_in_threads_within_seconds(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A sweep trains its trials in threads; Python runs signal handlers in the main thread only, which would
+    otherwise wait (in the flow's end) for every trial to train to its last step."""
+    train = {"max_steps": 2000, "save_steps": 5, "logging_steps": 500, "batch_size": 8, "eval_steps": 0}
+    config = write_config(
+        tmp_path / "task",
+        tiny_model,
+        train=train | {"select_best": False},
+        eval={"baseline": False},
+        sweep={"space": {"lora.r": [2, 4]}},
+    )
+    log = tmp_path / "sweep.log"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "loraflow.cli", "sweep", str(config)],
+        cwd=REPO,
+        env=_cli_env(tmp_path / "home"),
+        stdout=open(log, "w"),  # noqa: SIM115 (the child owns it)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    work, deadline = tmp_path / "task" / "runs" / "tiny-geo" / "work", time.monotonic() + 300
+    while not _checkpoint_steps(work):
+        assert run.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint of the first trial within 300 s"
+        time.sleep(0.05)
+    code, seconds, _ = _interrupt(run, signal.SIGINT, whole_group=True)
+    said = log.read_text()
+    assert code == 128 + signal.SIGINT and seconds < 20, (code, seconds, said[-3000:])
+    assert max(_checkpoint_steps(work)) < 2000 and "Traceback" not in said, said[-3000:]
+    assert not list((tmp_path / "task" / "runs" / "tiny-geo").glob("2*"))  # no trial looks finished
+
+
 TORN_TRAIN = TrainSettings(max_steps=4, batch_size=8, lr=0.01, save_steps=2, logging_steps=1, max_length=128)
 
 

@@ -35,12 +35,12 @@ from prefect.client.schemas.filters import (
     FlowRunFilterParentFlowRunId,
     LogFilter,
     LogFilterFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
-
-from tests.conftest import write_config
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +118,8 @@ TINY_TRAIN = {"max_steps": 4, "save_steps": 2, "logging_steps": 2}
 
 def _user_checkout(folder: Path, tiny_model: Path) -> Path:
     """The repository as a user deploys it: prefect.yaml, examples/ and data_contracts/ as shipped (the code
-    folders linked), with only each deployment config's model swapped for a tiny one and its steps cut."""
+    folders linked), with only each deployment config's model swapped for a tiny one, its steps cut, and a
+    sweep's trials cut to two."""
     folder.mkdir(parents=True)
     for name in ("flows", "tasks", "loraflow"):
         (folder / name).symlink_to(REPO / name, target_is_directory=True)
@@ -130,6 +131,8 @@ def _user_checkout(folder: Path, tiny_model: Path) -> Path:
         if config:  # paths, names, prompts, data and every other setting stay as shipped
             config["model"] = {"name": str(tiny_model)}
             config["train"] = config["train"] | TINY_TRAIN
+            if config.get("sweep"):  # two of its trials: as many as it trains at once
+                config["sweep"] = config["sweep"] | {"trials": 2}
     (folder / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
 
@@ -200,6 +203,7 @@ def test_the_shipped_deployments_run_as_the_readme_says_on_a_real_server_and_wor
         "retrain/geo-nightly",
         "fit/gpu",
         "predict/geo",
+        "sweep/pairs",
     ):
         assert name in deployed.stdout, deployed.stdout
 
@@ -226,25 +230,35 @@ def test_the_shipped_deployments_run_as_the_readme_says_on_a_real_server_and_wor
         f1 = metrics["finetuned"]["macro_f1"]
         print(f"train-classifier/pairs: {run.state.name} in {seconds:.1f} s, macro-F1 {f1:.3f}, {run_dir}")
 
-        # Data steps here, training on the gpu pool: `loraflow run` with compute.gpu_deployment set.
-        split = write_config(
-            tmp_path / "split", tiny_model, name="tiny-split", compute={"gpu_deployment": "fit/gpu"}
-        )
-        started = time.perf_counter()
-        ran = subprocess.run(
-            [*LORAFLOW, "run", str(split)], cwd=user, env=env, capture_output=True, text=True, timeout=900
-        )
-        print(f"split run (data here, training on fit/gpu): {time.perf_counter() - started:.1f} s")
-        assert ran.returncode == 0, ran.stdout + ran.stderr
-        [fit_run] = _flow_runs(env, "fit/gpu")
-        assert fit_run.state.is_completed()
-        [split_dir] = _run_folders(tmp_path / "split" / "runs" / "tiny-split")
-        assert json.loads((split_dir / "metrics.json").read_text())["finetuned"]["macro_f1"] >= 0
-        exchange = tmp_path / "split" / "runs" / "tiny-split" / "exchange"
+        # A sweep: its data steps here, each trial's training a run of fit/gpu, two at a time on the worker;
+        # the best trial is registered.
+        seconds = _run_deployment(env, "sweep/pairs")
+        [swept] = _flow_runs(env, "sweep/pairs")
+        fits = _flow_runs(env, "fit/gpu")
+        assert len(fits) == 2 and all(f.state.is_completed() for f in fits)
+        first, second = sorted(fits, key=lambda f: f.start_time)
+        assert second.start_time < first.end_time, (first, second)  # trained at the same time
+        assert {"pairs-sweep", "pairs-sweep-report"} <= _artifact_keys(env, swept.id)
+        [sweep_json] = (user / "runs" / "pairs" / "sweeps").glob("*/sweep.json")
+        trials = json.loads(sweep_json.read_text())["trials"]
+        assert [t["state"] for t in trials] == ["finished", "finished"], trials
+        history = [
+            json.loads(line)
+            for line in (user / "models" / "pairs" / "history.jsonl").read_text().splitlines()
+        ]
+        assert history[-1]["decision"] == "promoted" and history[-1]["source"].startswith("sweep ")
+        exchange = user / "runs" / "pairs" / "exchange"
         published = {p.name.split("-")[0] for p in exchange.glob("*-*") if (p / "MANIFEST.json").is_file()}
-        assert published == {"prompts", "train", "merge", "evaluate"}, published
-        gpu_host = {p.name.split("-")[0] for p in (tmp_path / "gpu-host" / "tiny-split").iterdir()}
-        assert {"prompts", "train", "merge", "evaluate"} <= gpu_host and "ingest" not in gpu_host
+        assert {"labels", "train", "merge", "evaluate"} <= published, published
+        gpu_host = {p.name.split("-")[0] for p in (tmp_path / "gpu-host" / "pairs").iterdir()}
+        assert {"labels", "train", "merge", "evaluate"} <= gpu_host
+        with _client(env) as client:  # the data steps ran in the sweep, none in a fit run
+            fitted = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in fits]))
+            )
+        assert {r.name.split("-")[0] for r in fitted} >= {"train", "merge"}
+        assert not [r.name for r in fitted if r.name.startswith(("ingest", "check-contract"))]
+        print(f"sweep/pairs, 2 trials on fit/gpu two at a time: {seconds:.1f} s")
 
         # Retraining: the first run trains geo's generative model on the worker (its training flow run, the
         # run folder and its artifacts) and promotes it; unchanged data: the triggered run below. A challenger
