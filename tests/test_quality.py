@@ -30,7 +30,7 @@ from loraflow.tasks.classical import evaluate_classical, fit_classical, input_te
 from loraflow.tasks.generative.prepare import COMPLETION, PROMPT, prepare_inputs, read_prompts
 from loraflow.tasks.generative.train import DevRows, fit_adapter
 from loraflow.tasks.ingest import ingest_table, read_split
-from loraflow.tasks.lora import selection_record
+from loraflow.tasks.lora import selection_record, stopped_below
 from loraflow.tasks.metrics import read_evaluation
 from loraflow.tasks.report import metrics_table, verdict
 from tests.conftest import write_config
@@ -270,6 +270,30 @@ def test_early_stopping_stops_when_dev_macro_f1_stops_improving(
     assert _lora_digest(trainer.model) == recorder.weights[2]
     record = selection_record(trainer.state, True)
     assert record["stopped_early"] and record["kept_step"] == 2
+
+
+def test_a_floor_on_dev_macro_f1_stops_a_run_that_is_still_below_it(
+    geo: tuple, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.stop_below (a sweep's median rule): at the first evaluation at or past half the run, the best so
+    far (0.5 at step 2, not the 0.4 of step 3) is below the floor of 0.6: training stops, the best is kept."""
+    dataset, dev, _, _ = geo
+    recorder = _plant(monkeypatch, generative_train, {1: 0.3, 2: 0.5, 3: 0.4, 4: 0.9, 5: 0.9, 6: 0.9})
+    floored = SELECTING.model_copy(update={"stop_below": {0.5: 0.6}})
+    trainer, _ = fit_adapter(
+        dataset, str(tiny_model), LoraSettings(r=4), floored, "float32", tmp_path / "ck", dev
+    )
+    assert trainer.state.global_step == 3 and _lora_digest(trainer.model) == recorder.weights[2]
+    record = selection_record(trainer.state, True, stopped_below(trainer))
+    assert record["stopped_below"] == {"step": 3, "share": 0.5, "floor": 0.6, "best_macro_f1": 0.5}
+    assert record["max_steps"] == 6 and record["kept_step"] == 2
+
+    # Above the floor by then, the run goes on to its last step.
+    passing = SELECTING.model_copy(update={"stop_below": {0.5: 0.45}})
+    trainer, _ = fit_adapter(
+        dataset, str(tiny_model), LoraSettings(r=4), passing, "float32", tmp_path / "ck2", dev
+    )
+    assert trainer.state.global_step == 6 and stopped_below(trainer) is None
 
 
 def test_the_classifier_selects_its_best_step_with_the_trainers_own_evaluation(
