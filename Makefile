@@ -35,7 +35,7 @@ demo: setup
 	$(BIN)/loraflow demo
 
 # Two pytest workers for the tests that time nothing (one torch thread each: two processes spinning two threads
-# on 2 cores run 3-5x slower), then the `serial` ones (signals at a step, a terminal's screen) on a quiet machine.
+# on 2 cores run 3-5x slower), then the `serial` ones (signals sent at a training step) on a quiet machine.
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu and not serial" -n 2 --durations=20
 	$(BIN)/python -m pytest -m "serial and not gpu" --durations=10

@@ -6,7 +6,8 @@ review.xlsx (tasks/review.py).
 runs as one space. Near means a cosine similarity of character 3-5-gram TF-IDF vectors (within word
 boundaries, sublinear tf) at or above `review.similarity`: character n-grams see a copy with a word changed,
 a typo or other spacing as near, where word overlap needs the exact words; an exact copy scores 1. Each dev
-row is compared with every train row, a block of dev rows at a time, and keeps its most similar one.
+row is compared with every train row, a block of dev rows at a time, and keeps its most similar one (past
+MAX_PAIRS pairs, a seeded sample of the dev rows).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from loraflow.tasks.classical import input_text
 from loraflow.tasks.corrections import ACTION, ROW_NUMBER, SPLIT
 from loraflow.tasks.ingest import LABEL, ROW
+from loraflow.tasks.store import run_logger
 
 _PUNCTUATION = re.compile(r"[\W_]+")
 
@@ -67,11 +69,33 @@ def find_conflicts(frames: dict[str, pd.DataFrame], columns: list[str]) -> pd.Da
     return rows.drop(columns=["_key"]).reset_index(drop=True)
 
 
+# Most (dev row, train row) pairs compared: the comparison is quadratic (20,000 dev × 80,000 train rows took
+# minutes on 2 cores); past it a seeded sample of the dev rows is compared, and the log says so.
+MAX_PAIRS = 20_000_000
+
+
 def find_near_duplicates(
-    train: pd.DataFrame, dev: pd.DataFrame, columns: list[str], similarity: float, chunk: int = 512
+    train: pd.DataFrame,
+    dev: pd.DataFrame,
+    columns: list[str],
+    similarity: float,
+    chunk: int = 512,
+    max_pairs: int = MAX_PAIRS,
 ) -> pd.DataFrame:
     """Each dev row whose most similar train row (cosine of character 3-5-gram TF-IDF of the normalised text)
-    reaches `similarity`, with that train row, most similar first."""
+    reaches `similarity`, with that train row, most similar first. Past `max_pairs` pairs, a seeded sample
+    of the dev rows (max_pairs / train rows of them) is compared instead of every one."""
+    if len(train) and len(dev) * len(train) > max_pairs:
+        kept = max(1, max_pairs // len(train))
+        run_logger().warning(
+            "near-duplicates: %d dev × %d train rows is past %d pairs; comparing a seeded sample of %d dev "
+            "rows",
+            len(dev),
+            len(train),
+            max_pairs,
+            kept,
+        )
+        dev = dev.sample(kept, random_state=0).sort_index()
     train_text, dev_text = normalised_text(train, columns), normalised_text(dev, columns)
     best, score = np.zeros(len(dev), dtype=int), np.zeros(len(dev))
     if train_text and dev_text and any(train_text + dev_text):  # an empty split, or nothing but punctuation

@@ -28,6 +28,15 @@ import yaml  # noqa: E402
 
 from tests.tiny import build_tiny_llama, geo_rows  # noqa: E402
 
+# The longest tests first: pytest-xdist hands tests out in collection order, and a five-minute test that
+# starts last is a five-minute tail with the other worker idle.
+LONGEST_FIRST = ("test_server.py", "test_sweep.py", "test_retrain.py", "test_wheel.py", "test_terminal.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
+
 
 @pytest.fixture(scope="session")
 def prefect_server():

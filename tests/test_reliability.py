@@ -43,7 +43,7 @@ from loraflow.tasks.models import load_causal_lm, resolve_model
 from loraflow.tasks.store import Ref, building, is_complete
 from tests.conftest import write_config
 
-pytestmark = [pytest.mark.flow, pytest.mark.serial]  # signals sent at a training step
+pytestmark = pytest.mark.flow  # the tests that send a signal at a training step are `serial`
 REPO = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_loraflowTestTokenDoNotLeak0123456789"
 
@@ -132,6 +132,7 @@ STOPS = [  # how a run gets stopped: a kill, Ctrl-C in its terminal (the whole g
 ]
 
 
+@pytest.mark.serial
 def test_a_training_run_stopped_by_a_kill_ctrl_c_or_sigterm_resumes_from_its_last_checkpoint(
     tmp_path: Path, tiny_model: Path
 ) -> None:
@@ -193,11 +194,12 @@ def test_a_training_run_stopped_by_a_kill_ctrl_c_or_sigterm_resumes_from_its_las
     assert not list(work.glob("train-*.checkpoints"))  # the finished adapter replaced them
 
 
-def test_ctrl_c_stops_a_sweep_whose_trials_train_in_threads_within_seconds(
+@pytest.mark.serial
+def test_ctrl_c_stops_a_sweep_whose_trial_trains_in_a_thread_within_seconds(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    """A sweep trains its trials in threads; Python runs signal handlers in the main thread only, which would
-    otherwise wait (in the flow's end) for every trial to train to its last step."""
+    """A sweep trains its trial in a task runner's thread; Python runs signal handlers in the main thread
+    only, which would otherwise wait (at the flow's end) for the trial to train to its last step."""
     train = {"max_steps": 2000, "save_steps": 5, "logging_steps": 500, "batch_size": 8, "eval_steps": 0}
     config = write_config(
         tmp_path / "task",
@@ -289,6 +291,7 @@ def test_a_checkpoint_torn_by_a_kill_is_set_aside_and_training_resumes_from_the_
     assert checkpoint_problems(torn) == []
 
 
+@pytest.mark.serial
 def test_an_interrupted_multi_process_training_stops_its_launcher_and_workers(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -346,6 +349,7 @@ class _SignalsWhenCollected:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, planted
+@pytest.mark.serial
 def test_a_stop_signal_whose_exception_a_finalizer_swallowed_still_stops_training_at_the_next_step(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -86,6 +86,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        # SQLite waits this long for a write lock (default 10 s): on two loaded cores the worker's heartbeats,
+        # the runs' states and their log batches queue for it, and a write that gives up is lost
+        "PREFECT_API_DATABASE_TIMEOUT": "60",
     }
     log = open(home / "server.log", "w")  # noqa: SIM115 (closed below, after the process)
     process = subprocess.Popen(
@@ -212,8 +215,14 @@ def test_the_shipped_deployments_run_as_the_readme_says_on_a_real_server_and_wor
         [PREFECT, "worker", "start", "--pool", "gpu"],
         cwd=user,
         # The worker's own disk, as on a separate GPU host: what it needs travels through the exchange. It
-        # looks for scheduled runs every second (the default 10 s would be waited out at every run's start).
-        env={**env, "LORAFLOW_WORK_DIR": str(tmp_path / "gpu-host"), "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        # looks for scheduled runs every second (the default 10 s would be waited out at every run's start);
+        # its output is written as it comes (the test reads it).
+        env={
+            **env,
+            "LORAFLOW_WORK_DIR": str(tmp_path / "gpu-host"),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PYTHONUNBUFFERED": "1",
+        },
         stdout=worker_log,
         stderr=subprocess.STDOUT,
     )
@@ -307,17 +316,30 @@ def test_the_shipped_deployments_run_as_the_readme_says_on_a_real_server_and_wor
             time.sleep(2)
         lines = [line for line in history.read_text().splitlines() if line.strip()]
         assert len(lines) == 1  # the data did not change since: "no new data", nothing recorded
-        # A run's last log lines reach the server after its state does (the process ships them as it exits).
-        deadline = time.monotonic() + 60
-        while True:
+        with _client(env) as client:  # it checked for new data and trained nothing
+            steps = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[triggered[0].id]))
+            )
+        assert sorted(r.name for r in steps) == ["check-for-new-data-geo", "settle-paths-geo"]
+        # It said why, in its run log: the last lines reach the server after the run's state does (the process
+        # ships them as it exits).
+        deadline, said = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not [
+            m for m in said if m.startswith("no new data: geo unchanged")
+        ]:
+            time.sleep(2)
             with _client(env) as client:
-                said = client.read_logs(
+                logs = client.read_logs(
                     log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[triggered[0].id]))
                 )
-            if [log for log in said if log.message.startswith("no new data: geo unchanged since")]:
-                break
-            assert time.monotonic() < deadline, [log.message for log in said]
-            time.sleep(2)
+            said = [log.message for log in logs]
+        if not [m for m in said if m.startswith("no new data: geo unchanged")]:
+            # Seen twice in CI on a loaded machine: the server's SQLite refused the log batch ("database is
+            # locked") and the lines are only in the worker's output. Accepted only with that evidence.
+            server_log = Path(server["PREFECT_HOME"]) / "server.log"
+            assert "database is locked" in server_log.read_text(), said
+            assert "no new data: geo unchanged since" in (tmp_path / "worker.log").read_text()
+            print("the triggered run's log lines did not reach the server's database (SQLite locked)")
     finally:
         _stop(worker)
         worker_log.close()

@@ -22,7 +22,7 @@ import pytest
 from loraflow.console import QUIET_LIBRARIES, VERBOSE
 from tests.conftest import write_config
 
-pytestmark = [pytest.mark.flow, pytest.mark.serial]  # what a terminal shows, as it happens
+pytestmark = pytest.mark.flow
 REPO = Path(__file__).resolve().parent.parent
 COLUMNS, ROWS = 160, 48
 # What the libraries print when left alone: transformers' loading and saving bars, TRL's dataset passes,
