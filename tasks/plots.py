@@ -192,6 +192,10 @@ def plot_sweep(trials: list[dict[str, Any]], keys: list[str], metric: str, path:
             x = [float(v) for v in values]
             if min(x) > 0 and max(x) / min(x) > 20:
                 axes.set_xscale("log")
+            distinct = sorted(set(x))
+            if len(distinct) <= 6:  # a grid's few values: ticks at them, short (0.0005, not 0.00050)
+                axes.set_xticks(distinct, [f"{v:.4g}" for v in distinct])
+                axes.minorticks_off()
         else:
             categories = list(dict.fromkeys(str(v) for v in values))
             x = [categories.index(str(v)) for v in values]
