@@ -53,11 +53,19 @@ class _NoLibraryLines(logging.Filter):
         return record.levelno >= logging.ERROR or record.name.split(".")[0] not in LIBRARIES or verbose()
 
 
+_quieted = False  # quiet_library_logs was called in this process (by the CLI)
+
+
 def quiet_library_logs() -> None:
     """Library log lines go through Prefect's handlers: the stderr handlers the libraries install for
     themselves are removed, so their records go on to the Prefect run log and to Prefect's console handler,
-    which (unless `-v`) drops library records below ERROR. Call it once the libraries are imported."""
+    which (unless `-v`) drops library records below ERROR. Call it once the libraries are imported; the
+    training stack, imported when a fit starts, is handled then (`quiet_libraries_imported_since`)."""
+    global _quieted
+    import transformers.utils.logging  # noqa: F401 (installs transformers' stderr handler now: no torch)
     from prefect.logging.handlers import PrefectConsoleHandler
+
+    _quieted = True
 
     for name in LIBRARIES:
         logger = logging.getLogger(name)
@@ -72,6 +80,14 @@ def quiet_library_logs() -> None:
             isinstance(f, _NoLibraryLines) for f in handler.filters
         ):
             handler.addFilter(_NoLibraryLines())
+
+
+def quiet_libraries_imported_since() -> None:
+    """The same for the libraries imported since `quiet_library_logs` (datasets, peft and trl come with a
+    fit); nothing in a process where it was not called (a flow run on a worker keeps the libraries' own
+    output)."""
+    if _quieted:
+        quiet_library_logs()
 
 
 # rich's own styles for its progress columns: Prefect's console theme holds only its log styles.

@@ -17,17 +17,14 @@ import pandas as pd
 from prefect import task
 
 from loraflow.config import ClassifierConfig, GenerativeConfig
+from loraflow.console import quiet_libraries_imported_since
 from loraflow.tasks.classifier import evaluate as classifier_evaluate
-from loraflow.tasks.classifier import merge as classifier_merge
 from loraflow.tasks.classifier import predict as classifier_predict
 from loraflow.tasks.classifier import prepare as classifier_prepare
 from loraflow.tasks.classifier import scoring as classifier_scoring
-from loraflow.tasks.classifier import train as classifier_train
 from loraflow.tasks.generative import evaluate as generative_evaluate
-from loraflow.tasks.generative import merge as generative_merge
 from loraflow.tasks.generative import predict as generative_predict
 from loraflow.tasks.generative import prepare as generative_prepare
-from loraflow.tasks.generative import train as generative_train
 from loraflow.tasks.ingest import split_names
 from loraflow.tasks.manifest import ModelManifest
 from loraflow.tasks.metrics import label_columns
@@ -35,6 +32,11 @@ from loraflow.tasks.models import default_cache_dir, load_tokenizer, resolve_mod
 from loraflow.tasks.plan import check_memory, free_gpu_memory
 from loraflow.tasks.predict import PREDICTED, model_folder
 from loraflow.tasks.store import Ref
+
+# TRAINING: the train and merge modules of each approach are imported when a fit starts, not with this module.
+# They bring peft, trl and the Trainer (about 6 s of imports on 2 CPU cores), which the commands and flows
+# that never train (predict, serve, validate, review, a retrain with no new data, a fully cached run, the
+# data half of a GPU split) would otherwise wait for; tests/test_layout.py keeps it so.
 
 # adapter, merged, and the evaluations: baseline, finetuned (dev), baseline_test, finetuned_test (None when
 # there is no test split or no baseline)
@@ -83,6 +85,10 @@ def _fits_the_gpu(config: Any, prepared: Ref, model: Ref) -> None:
 
 
 def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outputs:
+    from loraflow.tasks.generative import merge as generative_merge  # see TRAINING
+    from loraflow.tasks.generative import train as generative_train
+
+    quiet_libraries_imported_since()
     dtype, processes, settings = config.model.dtype, config.compute.processes, config.eval
     model = resolve_model(config.model, default_cache_dir())
     _fits_the_gpu(config, prompts, model)
@@ -106,6 +112,10 @@ def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outpu
 
 
 def _fit_classifier(config: ClassifierConfig, encoded: Ref, store: str) -> Outputs:
+    from loraflow.tasks.classifier import merge as classifier_merge  # see TRAINING
+    from loraflow.tasks.classifier import train as classifier_train
+
+    quiet_libraries_imported_since()
     dtype, max_length, processes = config.model.dtype, config.train.max_length, config.compute.processes
     settings = config.eval
     model = resolve_model(config.model, default_cache_dir())

@@ -42,10 +42,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from loraflow.config import LoraSettings, TrainSettings
 from loraflow.console import ProgressDisplay
 from loraflow.errors import ConfigError, ResourceError
-from loraflow.tasks.metrics import classification_metrics
+from loraflow.tasks.metrics import TRAIN_STATS, classification_metrics
 from loraflow.tasks.models import peft_quietly
 from loraflow.tasks.store import (
-    Ref,
     building,
     run_logger,
 )
@@ -653,7 +652,7 @@ def save_trained(
             shutil.copytree(events, tmp / "tensorboard")
         trainer.save_model(str(tmp / "adapter"))
         trainer.processing_class.save_pretrained(str(tmp / "adapter"))
-        (tmp / "train.json").write_text(json.dumps(stats, indent=1))
+        (tmp / TRAIN_STATS).write_text(json.dumps(stats, indent=1))
         (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the adapter replaces the checkpoints
 
@@ -688,8 +687,3 @@ def selection_record(
         "max_steps": int(state.max_steps),
         "curve": curve,
     }
-
-
-def read_train_stats(ref: Ref) -> dict[str, Any]:
-    """train.json written by `train_adapter`."""
-    return json.loads((Path(ref.path) / "train.json").read_text())

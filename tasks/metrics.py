@@ -14,6 +14,13 @@ import pandas as pd
 from loraflow.tasks.ingest import LABEL
 from loraflow.tasks.store import Ref, building
 
+TRAIN_STATS = "train.json"  # in an adapter folder: what training did (steps, loss, time, the dev curve)
+
+
+def read_train_stats(adapter: Ref) -> dict[str, Any]:
+    """train.json of a trained adapter (tasks/lora.py writes it)."""
+    return json.loads((Path(adapter.path) / TRAIN_STATS).read_text())
+
 
 def softmax(scores: np.ndarray) -> np.ndarray:
     """Row-wise softmax of label scores into probabilities."""

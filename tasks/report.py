@@ -21,9 +21,8 @@ from loraflow.config import CONFIGS, LoraflowConfig
 from loraflow.loading import dump_config
 from loraflow.tasks.card import base_model_origin, model_names, render_model_card, short_model_name
 from loraflow.tasks.ingest import read_meta, split_names
-from loraflow.tasks.lora import read_train_stats
 from loraflow.tasks.manifest import ModelManifest
-from loraflow.tasks.metrics import read_evaluation
+from loraflow.tasks.metrics import read_evaluation, read_train_stats
 from loraflow.tasks.models import default_cache_dir
 from loraflow.tasks.plots import dev_losses, draw_plots
 from loraflow.tasks.review import (
