@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_gpu_benchmark_runs_every_variant_on_a_tiny_model(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "bench/gpu.py", "--tiny", "--steps", "1", "--batch", "2", "--out", str(tmp_path)],
+        [sys.executable, "bench/gpu.py", "--tiny", "--steps", "1", "--batch", "2", "--predict-rows", "64"]
+        + ["--out", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -25,9 +26,9 @@ def test_gpu_benchmark_runs_every_variant_on_a_tiny_model(tmp_path: Path) -> Non
     assert all(r["real_tokens_per_s"] > 0 and r["final_loss"] > 0 for r in record["results"])
     assert record["packed_attention"] == "sdpa" and "| padded |" in done.stdout
     prediction = record["prediction"]  # label scoring, batched vs one row at a time, on the same model
-    assert prediction["rows"] == 256 and prediction["one_row_at_a_time_rows"] == 64
+    assert prediction["rows"] == 64 and prediction["one_row_at_a_time_rows"] == 16
     assert prediction["batched_rows_per_s"] > 0 and prediction["one_row_at_a_time_rows_per_s"] > 0
-    assert "prediction (256 rows, label scoring)" in done.stdout
+    assert "prediction (64 rows, label scoring)" in done.stdout
 
 
 def test_the_gpu_scripts_scoring_needs_no_orchestration_packages() -> None:
