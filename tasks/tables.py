@@ -265,7 +265,9 @@ def _read_text_table(
             f"{MAX_COLUMNS:,} loraflow reads (Excel's limit); check data.separator and data.header_row"
         )
     try:
-        raw = pd.read_csv(path, header=None, skiprows=header_row - 1, nrows=1, **options)
+        # The header and the first data row: a first row wider than the header would otherwise become the
+        # index (pandas' implicit index: every column shifted by one, or a 20,000-level index out of memory).
+        raw = pd.read_csv(path, header=None, skiprows=header_row - 1, nrows=2, **options)
         if (
             raw.shape[1] == 1
             and not explicit_sep

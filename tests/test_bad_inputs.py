@@ -491,7 +491,30 @@ CONFIG_TIME = (
 
 # The same kind of cases, checked where they arise (reading and the contract) without a flow around them:
 # the flow and CLI plumbing of a DataError is the same for all of them and is checked by ERRORS above.
+def _trailing_separator(folder: Path) -> bytes:
+    """Every data row ends in a separator the header lacks (as some exports write): one field too many."""
+    lines = geo_rows(20).to_csv(index=False).splitlines()
+    return "\n".join([lines[0], *(line + "," for line in lines[1:])]).encode()
+
+
+def _carriage_return_in_header(folder: Path) -> bytes:
+    """A fuzz finding (4.7 MB, over 2 GB to read): a stray carriage return ends the header after one letter,
+    and the first data row holds 20,000 fields; pandas made them a 20,000-level index."""
+    return b"r\requirement,sample_data,score" + b",in a desert" * 20_000 + b"\n" + b"x,y,1\n" * 30
+
+
 READ_ERRORS = [
+    Case(
+        "data-rows-one-field-wider-than-the-header",  # was read with the columns shifted by one, silently
+        _with_train(_bytes_named("train.csv", _trailing_separator)),
+        r"train\.csv: line 2 has 4 fields, expected 3 like the header; quote cells that contain the "
+        r"separator",
+    ),
+    Case(
+        "carriage-return-in-header",
+        _with_train(_bytes_named("train.csv", _carriage_return_in_header)),
+        r"train\.csv: line 2 has 20,?003 fields, expected 1 like the header",
+    ),
     Case(
         "65k-columns",  # a fuzz finding: 29 s to read before it was refused up front
         _with_train(
