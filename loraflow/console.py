@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from rich.console import Console
@@ -88,6 +90,28 @@ def quiet_libraries_imported_since() -> None:
     output)."""
     if _quieted:
         quiet_library_logs()
+
+
+class _NoKernelsAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+@contextmanager
+def without_kernels_advice(quantization: str) -> Iterator[None]:
+    """Imports under it (the training stack) leave out bitsandbytes' import-time warning that its optional CPU
+    kernels for 4-bit layers are missing ("Failed to load CPU gemm_4bit_forward from kernels-community ...
+    pip install kernels"), unless the run trains on a quantised base: peft imports bitsandbytes whenever it is
+    installed, and the advice showed as a warning in every run's log, the Prefect UI's included."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the module that warns (bitsandbytes 0.50)
+    quiet = _NoKernelsAdvice() if quantization == "none" else None
+    if quiet:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        if quiet:
+            logger.removeFilter(quiet)
 
 
 # rich's own styles for its progress columns: Prefect's console theme holds only its log styles.

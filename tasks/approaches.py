@@ -17,7 +17,7 @@ import pandas as pd
 from prefect import task
 
 from loraflow.config import ClassifierConfig, GenerativeConfig
-from loraflow.console import quiet_libraries_imported_since
+from loraflow.console import quiet_libraries_imported_since, without_kernels_advice
 from loraflow.tasks.classifier import evaluate as classifier_evaluate
 from loraflow.tasks.classifier import predict as classifier_predict
 from loraflow.tasks.classifier import prepare as classifier_prepare
@@ -85,8 +85,9 @@ def _fits_the_gpu(config: Any, prepared: Ref, model: Ref) -> None:
 
 
 def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outputs:
-    from loraflow.tasks.generative import merge as generative_merge  # see TRAINING
-    from loraflow.tasks.generative import train as generative_train
+    with without_kernels_advice(config.model.quantization):
+        from loraflow.tasks.generative import merge as generative_merge  # see TRAINING
+        from loraflow.tasks.generative import train as generative_train
 
     quiet_libraries_imported_since()
     dtype, processes, settings = config.model.dtype, config.compute.processes, config.eval
@@ -112,8 +113,9 @@ def _fit_generative(config: GenerativeConfig, prompts: Ref, store: str) -> Outpu
 
 
 def _fit_classifier(config: ClassifierConfig, encoded: Ref, store: str) -> Outputs:
-    from loraflow.tasks.classifier import merge as classifier_merge  # see TRAINING
-    from loraflow.tasks.classifier import train as classifier_train
+    with without_kernels_advice(config.model.quantization):
+        from loraflow.tasks.classifier import merge as classifier_merge  # see TRAINING
+        from loraflow.tasks.classifier import train as classifier_train
 
     quiet_libraries_imported_since()
     dtype, max_length, processes = config.model.dtype, config.train.max_length, config.compute.processes

@@ -119,3 +119,23 @@ def test_the_data_only_flows_import_no_torch_and_only_training_imports_the_train
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO)
     assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["False", ""], done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_bitsandbytes_kernels_advice_is_logged_only_for_a_quantised_base(quantization: str) -> None:
+    """peft imports bitsandbytes whenever it is installed, and bitsandbytes warns at import that its optional
+    CPU 4-bit kernels are missing: in every run's log (the Prefect UI's too), whatever the run. The fit
+    imports the training stack under `without_kernels_advice`; the 4bit case shows the warning is real."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; seen = []; handler = logging.Handler(); handler.emit = seen.append; "
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').addHandler(handler); "
+        "from loraflow.console import without_kernels_advice\n"
+        f"with without_kernels_advice({quantization!r}): import loraflow.tasks.generative.train\n"
+        "print(sum('kernels-community' in r.getMessage() for r in seen))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0" if quantization == "none" else "1"], done.stdout + done.stderr
