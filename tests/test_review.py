@@ -32,14 +32,15 @@ pytestmark = pytest.mark.flow
 
 def test_planted_label_flips_in_rotten_tomatoes_are_found() -> None:
     """5% of 1,500 Rotten Tomatoes rows (fresh / rotten / plot) given another label. Measured on 2 CPU
-    cores: 396 rows flagged; among the top 150 (2 × the 75 flips) precision 0.29, recall 0.59; among all
-    flagged precision 0.13, recall 0.68 (bench/review.py prints the same table, and fresh / rotten alone:
-    recall 0.31 in the top 150, the classical model's ~70% accuracy on review sentiment being the limit)."""
+    cores (2026-12-07): 354 rows flagged; among the top 150 (2 × the 75 flips) precision 0.34, recall 0.68
+    (the issue's target: 0.6); among all flagged precision 0.15, recall 0.72 (bench/review.py prints the same
+    table, and fresh / rotten alone: recall 0.35 in the top 150, a bag of words reading review sentiment
+    right ~70% of the time being the limit). The words-only judge before: 0.59 / 0.29 / 0.13 / 0.68."""
     scores = flip_scores(1500, 0.05)
     print(json.dumps(scores))
     assert scores["flipped"] == 75
-    assert scores["top_2x_recall"] >= 0.55 and scores["top_2x_precision"] >= 0.27
-    assert scores["flagged_recall"] >= 0.65
+    assert scores["top_2x_recall"] >= 0.6 and scores["top_2x_precision"] >= 0.3
+    assert scores["flagged_recall"] >= 0.7
 
 
 # --- conflicts and near-duplicates ------------------------------------------------------------------------
