@@ -1,4 +1,5 @@
-"""`loraflow`: `run | validate | plan | sweep | retrain | notify | runs CONFIG`, `predict`, `compare`, `demo`.
+"""`loraflow`: `run | validate | review | plan | sweep | retrain | notify | runs CONFIG`, `predict`, `serve`,
+`compare`, `demo`.
 
 Flows run locally on a temporary Prefect server (no server to start; loraflow/server.py). User errors print
 a short message and exit non-zero, without a traceback. Ctrl-C (SIGINT) and SIGTERM stop a run within
