@@ -348,6 +348,7 @@ def _read_parquet(path: Path, max_cells: int) -> pd.DataFrame:
                 f"{path}: {rows:,} rows × {columns} columns, more than data.max_cells = {max_cells:,}; "
                 "split the file or raise data.max_cells"
             )
+        _check_utf8(path)
         return pd.read_parquet(path)
     except DataError:
         raise
@@ -356,6 +357,35 @@ def _read_parquet(path: Path, max_cells: int) -> pd.DataFrame:
         if kind not in (None, "parquet", "text"):
             raise DataError(mismatch(path, kind)) from e
         raise DataError(f"{path} is not a readable parquet file ({shown_error(e)}); write it again") from e
+
+
+def _check_utf8(path: Path) -> None:
+    """Parquet text columns must hold UTF-8; pyarrow reads them without checking, and the first thing that
+    looks at the text fails deep in pandas ("Wrapping ... failed"). Check them, and name the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    for name, column in zip(text, pq.read_table(path, columns=text).columns, strict=True):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            raw = column.cast(pa.large_binary()).to_pylist()
+            rows = [i + 1 for i, value in enumerate(raw) if value is not None and not _is_utf8(value)]
+            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+            raise DataError(
+                f"{path}: column '{name}' holds text that is not valid UTF-8 at row(s) "
+                f"{', '.join(map(str, rows[:5]))}{more}; write the file again with its text as UTF-8"
+            ) from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def blank_cells(frame: pd.DataFrame) -> np.ndarray:

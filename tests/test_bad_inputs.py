@@ -503,7 +503,27 @@ def _carriage_return_in_header(folder: Path) -> bytes:
     return b"r\requirement,sample_data,score" + b",in a desert" * 20_000 + b"\n" + b"x,y,1\n" * 30
 
 
+def _parquet_not_utf8(folder: Path) -> Path:
+    """A string column with bytes that are not UTF-8 (pyarrow writes them unchecked; a fuzz finding)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = geo_rows(20)
+    cells = [value.encode() for value in frame["sample_data"]]
+    cells[3] = b"Lima, \xffCairo"
+    table = pa.Table.from_pandas(frame.drop(columns="sample_data"), preserve_index=False)
+    table = table.append_column("sample_data", pa.array(cells, pa.binary()).view(pa.string()))
+    pq.write_table(table, folder / "train.parquet")
+    return folder / "train.parquet"
+
+
 READ_ERRORS = [
+    Case(
+        "parquet-text-not-utf8",
+        _with_train(_parquet_not_utf8),
+        r"train\.parquet: column 'sample_data' holds text that is not valid UTF-8 at row\(s\) 4; write the "
+        r"file again with its text as UTF-8",
+    ),
     Case(
         "data-rows-one-field-wider-than-the-header",  # was read with the columns shifted by one, silently
         _with_train(_bytes_named("train.csv", _trailing_separator)),
