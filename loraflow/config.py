@@ -294,6 +294,17 @@ class TrainSettings(_Settings):
         "epoch beats the classical baseline on Rotten Tomatoes (bench/quality.py); the best-checkpoint "
         "selection guards against a rate that overshoots late. For models of 1B+ try 2e-4.",
     )
+    loss: Literal["tokens", "choice"] = Field(
+        "tokens",
+        description="Generative approach: what training minimises. tokens: the answer's tokens over the "
+        "whole vocabulary (the SFT recipe; the model also learns to write the answer). choice: the "
+        "cross-entropy among the labels' answers only, read at the answer's first token: the comparison "
+        "evaluation and prediction make; every answer must begin with a token of its own. On the geo "
+        "example (2 CPU cores, 400 steps, one run each) choice reached dev macro-F1 0.72 where tokens "
+        "reached 0.68, and 0.91 against 0.66 with the example's schedule. The merged model is then trained "
+        "to choose, not to write: read its answers with loraflow predict or serve, not free generation. "
+        "The classifier approach's head is always trained on the labels.",
+    )
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )

@@ -344,3 +344,83 @@ def test_gradient_checkpointing_setting_reaches_the_trainer_under_its_transforme
         )
     assert args.activation_checkpointing is on and args.gradient_checkpointing is on
     assert not [w for w in caught if "checkpointing" in str(w.message)]
+
+
+def test_the_lm_head_projects_only_the_answer_positions_on_a_cpu_with_the_same_loss(
+    prepared: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRL's fused LM head projects every position on a device without Triton; loraflow's trainer projects
+    only the positions the loss reads (the answer's), which must not change the loss."""
+    import trl.trainer.utils as fused
+
+    prompts, model, _, _ = prepared
+    frame = read_prompts(prompts, "train")
+    dataset = Dataset.from_pandas(frame[[PROMPT, "completion"]], preserve_index=False)
+    trainer, _ = fit_adapter(dataset, model.path, LoraSettings(r=4), TRAIN, "float32", tmp_path / "ckpt")
+    rows_projected: list[int] = []
+    projection = fused._ChunkedLogProbFunction
+
+    class Counting(projection):  # type: ignore[misc, valid-type]
+        @classmethod
+        def apply(cls, hidden: torch.Tensor, *args: object) -> object:
+            rows_projected.append(hidden.shape[0])
+            return projection.apply(hidden, *args)
+
+    monkeypatch.setattr(fused, "_ChunkedLogProbFunction", Counting)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    answer_positions = int((batch["labels"][:, 1:] != -100).sum())
+    trainer.model.eval()
+    with torch.no_grad():
+        compact = float(trainer.compute_loss(trainer.model, dict(batch)))
+        monkeypatch.setattr(fused, "_use_triton", fused._use_triton.__wrapped__)  # TRL's own choice
+        every = float(trainer.compute_loss(trainer.model, dict(batch)))
+    assert rows_projected == [answer_positions, batch["labels"][:, 1:].numel()]
+    assert 0 < answer_positions < batch["labels"][:, 1:].numel() // 4  # the prompt is most of each row
+    assert compact == pytest.approx(every, rel=1e-5)
+
+
+def test_choice_loss_trains_on_the_answers_first_tokens_only(prepared: tuple, tmp_path: Path) -> None:
+    """train.loss: choice is the cross-entropy among the labels' answers at the position that predicts the
+    answer: equal to a direct computation from the model's full logits, and it moves the LoRA weights."""
+    prompts, model, _, _ = prepared
+    frame = read_prompts(prompts, "train")
+    dataset = Dataset.from_pandas(frame[[PROMPT, "completion"]], preserve_index=False)
+    labels, answers = read_answers(prompts)
+    choice = TRAIN.model_copy(update={"loss": "choice"})
+    trainer, _ = fit_adapter(
+        dataset, model.path, LoraSettings(r=4), choice, "float32", tmp_path / "ckpt", answers=answers
+    )
+    assert trainer.state.global_step == 4
+    assert any("lora_B" in n and p.detach().abs().sum() > 0 for n, p in trainer.model.named_parameters())
+    assert "answer_accuracy" in trainer.state.log_history[0]
+
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    tokenizer = load_tokenizer(model.path)
+    firsts = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(a))[0] for a in answers]
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(trainer.model, dict(batch)))
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = []
+    for row, row_labels in enumerate(batch["labels"]):
+        first = int((row_labels != -100).nonzero()[0])
+        scores = torch.log_softmax(logits[row, first - 1, firsts], dim=0)
+        expected.append(-float(scores[firsts.index(int(batch["input_ids"][row, first]))]))
+    assert loss == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_choice_loss_with_answers_that_begin_alike_is_a_config_error(prepared: tuple, tmp_path: Path) -> None:
+    prompts, model, _, _ = prepared
+    frame = read_prompts(prompts, "train")
+    dataset = Dataset.from_pandas(frame[[PROMPT, "completion"]], preserve_index=False)
+    choice = TRAIN.model_copy(update={"loss": "choice"})
+    with pytest.raises(ConfigError, match=r"'Yes' and 'Yes, partly' both begin with .*train.loss: tokens"):
+        fit_adapter(
+            dataset,
+            model.path,
+            LoraSettings(r=4),
+            choice,
+            "float32",
+            tmp_path / "ck",
+            answers=["Yes", "Yes, partly"],
+        )

@@ -7,6 +7,7 @@ folder named by the inputs' digest, so a retried task or a re-run flow resumes f
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,14 +83,69 @@ class DevRows:
         return Dataset.from_dict({PROMPT: self.prompts, COMPLETION: completions})
 
 
+def project_answer_positions_only() -> None:
+    """Make TRL's fused LM head project only the positions the loss reads (the answer's) on a CPU too.
+
+    SFTTrainer's forward (trl.trainer.utils.add_fused_lm_head) runs the backbone, then the LM head in tiles
+    over the positions whose label is not -100 where Triton runs (CUDA, XPU); on any other device it projects
+    every position and masks the result, so that an XLA device (Neuron) compiles one tile shape. A CPU
+    compiles nothing, and the prompt's positions are nearly all of a classification row: every step then
+    computes and backpropagates vocabulary-wide logits (49,152 for SmolLM2) that the loss never reads.
+    The choice is TRL's module-level `_use_triton(device)`, which that forward alone reads; the kernel
+    that folds each tile keeps its own. Measured on 2 CPU cores: bench/answer_positions.py.
+    """
+    import trl.trainer.utils as fused
+
+    chooses_compact = getattr(fused, "_use_triton", None)
+    if chooses_compact is None or getattr(chooses_compact, "compact_on_cpu", False):
+        return
+
+    def compact(device: torch.device) -> bool:
+        return device.type == "cpu" or chooses_compact(device)
+
+    compact.compact_on_cpu = True  # type: ignore[attr-defined]
+    compact.__wrapped__ = chooses_compact  # type: ignore[attr-defined]
+    fused._use_triton = compact
+
+
 class LabelScoringTrainer(SFTTrainer):
     """SFTTrainer whose evaluation is the approach's own: each dev prompt's answers scored as in the final
     evaluation (scoring.py), giving dev macro-F1 and accuracy rather than the LM loss. The Trainer's
     machinery (TensorBoard/MLflow logging, best-checkpoint tracking, early stopping) takes it from there."""
 
-    def __init__(self, *args: Any, dev: DevRows | None, **kwargs: Any):
+    def __init__(self, *args: Any, dev: DevRows | None, choices: list[int] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.dev = dev
+        self.choices = None if choices is None else torch.tensor(choices)
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """TRL's loss (train.loss: tokens), or with `choices` (train.loss: choice) the cross-entropy of each
+        row's answer among the labels' answers, from the logits of their first tokens at the position that
+        predicts the answer: the same comparison evaluation makes, through the model's own forward (so DDP
+        and PEFT wrappers see a normal call), with the LM head applied at those positions only."""
+        if self.choices is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels, ids = inputs["labels"], inputs["input_ids"]
+        rows = torch.arange(len(labels), device=labels.device)
+        first = (labels != -100).int().argmax(dim=1)  # each row's first answer token
+        choices = self.choices.to(ids.device)
+        matches = ids[rows, first][:, None] == choices[None, :]
+        if not bool(matches.any(dim=1).all()):
+            raise RuntimeError("a training row's answer does not begin with one of the labels' first tokens")
+        gold = matches.int().argmax(dim=1)
+        keep, where = torch.unique(first - 1, return_inverse=True)  # the positions that predict the answers
+        outputs = model(
+            input_ids=ids, attention_mask=inputs.get("attention_mask"), logits_to_keep=keep, use_cache=False
+        )
+        logits = outputs.logits[rows, where][:, choices].float()
+        loss = torch.nn.functional.cross_entropy(logits, gold)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss / self.current_gradient_accumulation_steps  # the Trainer leaves it to the loss then
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["answer_accuracy"].append(float((logits.argmax(dim=1) == gold).float().mean()))
+        return (loss, outputs) if return_outputs else loss
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
@@ -169,19 +225,28 @@ def fit_adapter(
     dev: DevRows | None = None,
     eval_batch_size: int = 16,
     quantization: str = "none",
+    answers: list[str] | None = None,
 ) -> tuple[SFTTrainer, int]:
     """Train LoRA on prompt/completion rows, scoring `dev` as it goes (without it, nothing is scored or
     selected); resume from the last checkpoint in `checkpoints` if any.
 
-    Returns the trainer (its model is the PEFT model: the best checkpoint's with train.select_best) and the
-    step it resumed from (0 for a fresh start).
+    `answers` (each label's answer, in label order) is what train.loss: choice chooses among; it defaults to
+    dev's. Returns the trainer (its model is the PEFT model: the best checkpoint's with train.select_best)
+    and the step it resumed from (0 for a fresh start).
     """
     if dev is None:
         train = without_evaluation(train)
     tracking_setup(train)
     tokenizer = load_tokenizer(model_path)
+    choices = None
+    if train.loss == "choice":
+        answers = answers if answers is not None else dev.answers if dev is not None else None
+        if answers is None:
+            raise ValueError("train.loss: choice needs the labels' answers")
+        choices = first_answer_tokens(tokenizer, dataset[0][PROMPT], answers)
     set_seed(train.seed)  # LoRA's initial weights come from the global RNG
     network = for_training(load_causal_lm(model_path, dtype, quantization), train)
+    project_answer_positions_only()
     with peft_quietly():
         trainer = LabelScoringTrainer(
             model=network,
@@ -192,8 +257,26 @@ def fit_adapter(
             peft_config=build_lora_config(lora),
             callbacks=training_callbacks(train),
             dev=dev,
+            choices=choices,
         )
     return trainer, train_resuming(trainer, checkpoints)
+
+
+def first_answer_tokens(tokenizer: Any, messages: list[dict[str, str]], answers: list[str]) -> list[int]:
+    """The first token of each answer's turn after this prompt, as the trainer tokenizes it (train.loss:
+    choice compares these); a ConfigError when two answers begin with the same token."""
+    sequences, starts = encode_choices(tokenizer, messages, answers)
+    firsts = [ids[start] for ids, start in zip(sequences, starts, strict=True)]
+    shared = [(i, j) for i, j in itertools.combinations(range(len(answers)), 2) if firsts[i] == firsts[j]]
+    if shared:
+        i, j = shared[0]
+        token = tokenizer.convert_ids_to_tokens(firsts[i])
+        raise ConfigError(
+            f"train.loss is choice, which tells the answers apart by their first token, but {answers[i]!r} "
+            f"and {answers[j]!r} both begin with {token!r} for this model: "
+            "give them answers that differ from the first word (data.answers), or set train.loss: tokens"
+        )
+    return firsts
 
 
 class GenerativeTrainJob(TrainJob):
@@ -220,6 +303,7 @@ def train_into(job: GenerativeTrainJob) -> None:
         DevRows.read(job.prompts),
         job.eval_batch_size,
         job.quantization,
+        read_answers(job.prompts)[1],
     )
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():  # under DDP every process trains, the first one saves
