@@ -10,9 +10,14 @@ user's own rows after templating. The parts of peak memory:
   weights) with AdamW's two float32 moments, and their float32 gradients;
 - activations: the tensors autograd saves for the backward pass, per token and decoder layer (norms,
   rotated q/k/v and the attention output, the MLP's gate/up/product, each adapted linear's input and its
-  r-wide LoRA projection), plus the generative loss's float32 log-softmax over the vocabulary. With
-  gradient checkpointing only each layer's input is kept and one layer is recomputed at a time;
-- logits: the generative forward's logits (compute dtype) and their float32 gradient in the backward;
+  r-wide LoRA projection). With gradient checkpointing only each layer's input is kept and one layer is
+  recomputed at a time;
+- logits: the generative loss applies the LM head to the answer's positions only (TRL's fused LM head, in
+  tiles of at most 4,096 positions × 32,768 words, made to skip the prompt's positions on a CPU too:
+  tasks/generative/train.py), so the vocabulary-wide logits of a whole batch never exist: one tile in the
+  forward, one in the backward, and the answer positions' float32 hidden-state gradient. With
+  train.loss: choice the head runs at one position per distinct answer start (at most batch of them) for
+  every row, logits and gradient in the compute dtype;
 - overhead: CUDA context and allocator fragmentation, 512 MiB + 10 %.
 
 The peak is taken at the longest row (capped at train.max_length), since batches are padded to their
@@ -242,8 +247,8 @@ def saved_activation_bytes(
     each), rotated q, k, v and the attention output, the MLP's gate, up and SiLU outputs (and their product
     when down_proj is adapted), each adapted linear's input (its dropout output; none more without
     dropout) and its r-wide LoRA projection; on a GPU the dropout mask adds a byte per input element. Then
-    the final norm, and the generative loss's float32 log-softmax over the vocabulary. With checkpointing,
-    each layer keeps only its input, and one layer is recomputed at a time in the backward pass.
+    the final norm (and the classifier's pooled rows). With checkpointing, each layer keeps only its input,
+    and one layer is recomputed at a time in the backward pass. The LM head's share is `logit_bytes`.
     """
     linears, h = shape.linears, shape.hidden
     adapted = targeted_linears(shape, lora)
@@ -254,9 +259,27 @@ def saved_activation_bytes(
     lora_inputs = sum(linears[n][0] for n in adapted) if lora.dropout > 0 else 0
     elements += lora_inputs + lora.r * len(adapted)
     layer = elements * dtype_bytes + lora_inputs  # + the dropout masks, a byte per element
-    final = 2 * h * dtype_bytes + (4 * shape.vocab if not num_labels else h * dtype_bytes)
+    final = 2 * h * dtype_bytes + (h * dtype_bytes if num_labels else 0)
     kept = h * dtype_bytes * shape.layers + layer if checkpointing else layer * shape.layers
     return tokens * (kept + final)
+
+
+# The generative loss: tokens of each row's answer the LM head is applied to (the answer and the turn's
+# closing tokens; a label's answer is a word or a few), and TRL's tile of the fused head
+# (trl/kernels/chunked_logprob.py).
+ANSWER_TOKENS, HEAD_TILE_ROWS, HEAD_TILE_WORDS = 4, 4096, 32768
+
+
+def logit_bytes(shape: ModelShape, train: TrainSettings, dtype_bytes: int, num_labels: int | None) -> int:
+    """The LM head's working memory in a generative training step (none for the classifier's head, whose
+    logits are a handful per row): see the module docstring."""
+    if num_labels:
+        return 0
+    if train.loss == "choice":  # the head at ≤ batch positions of every row: the logits and their gradient
+        return 2 * train.batch_size * train.batch_size * shape.vocab * dtype_bytes
+    positions = train.batch_size * ANSWER_TOKENS
+    tile = min(positions, HEAD_TILE_ROWS) * min(shape.vocab, HEAD_TILE_WORDS) * dtype_bytes
+    return 2 * tile + positions * shape.hidden * 4
 
 
 def estimate_memory(
@@ -283,7 +306,7 @@ def estimate_memory(
     activations = saved_activation_bytes(
         shape, lora, tokens, dtype_bytes, num_labels, train.gradient_checkpointing
     )
-    logits = 0 if num_labels else tokens * shape.vocab * (dtype_bytes + 4)
+    logits = logit_bytes(shape, train, dtype_bytes, num_labels)
     subtotal = weights + 16 * trainable + activations + logits
     batches = math.ceil(lengths.rows / (train.batch_size * processes))
     return Estimate(
@@ -424,7 +447,7 @@ def plan_table(plan: Plan, model: ModelSettings, train: TrainSettings) -> str:
             f"{', checkpointing' if train.gradient_checkpointing else ''})",
             shown_bytes(e.activations),
         ),
-        ("logits + their gradient", shown_bytes(e.logits)),
+        ("LM head (answer positions' logits)", shown_bytes(e.logits)),
         ("CUDA context + fragmentation", shown_bytes(e.overhead)),
         ("peak GPU memory (estimate)", shown_bytes(e.total)),
     ]
