@@ -796,6 +796,11 @@ class ClassifierConfig(TaskConfig):
                 "pair) or a classifier.template such as '{title}\\n\\n{body}'"
             )
         self._check_template("classifier.template", self.classifier.template or "")
+        if self.train.loss != "tokens":
+            raise ValueError(
+                f"train.loss: {self.train.loss} is for the generative approach (the classifier's head is "
+                "always trained on the labels); remove train.loss"
+            )
         return self
 
     @property

@@ -181,6 +181,12 @@ def test_classifier_config_needs_columns_and_rejects_a_prompt(tmp_path: Path) ->
     )
     with pytest.raises(ConfigError, match="`prompt` is used by the generative approach only"):
         load_config(path)
+    path.write_text(
+        "approach: classifier\ndata: {train: t.tsv, label_column: y, text_columns: [a]}\n"
+        "train: {loss: choice}\n"
+    )
+    with pytest.raises(ConfigError, match="train.loss: choice is for the generative approach"):
+        load_config(path)
 
 
 def test_class_weights_change_the_loss() -> None:

@@ -165,6 +165,8 @@ class LabelScoringTrainer(SFTTrainer):
         finally:
             model.train(training)
         gold = np.asarray(self.dev.gold)
+        if self.choices is not None:  # train.loss: choice lowers -log p(gold | one of the answers), not this
+            scores = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
         loss = float(-scores[np.arange(len(gold)), gold].mean())  # -log p(gold answer), per row
         figures = dev_metrics(gold, scores, loss) | {"loss": loss}
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in figures.items()}
