@@ -93,7 +93,7 @@ def _peak_of_a_training_step(model: torch.nn.Module, optimizer: torch.optim.Opti
 
 def test_activation_estimate_is_within_a_quarter_of_a_training_steps_peak_memory() -> None:
     """Measured with the allocator (the profiler's memory timeline), not RSS: glibc keeps freed blocks, so a
-    CPU process's RSS grows by ~1.6x what torch holds (measured: 218 MiB of RSS for 126 MiB allocated)."""
+    CPU process's RSS grows by ~1.5x what torch holds (measured: 218 MiB of RSS where torch held 143 MiB)."""
     # Larger than the session's tiny model (hidden 32), so that the per-layer terms dominate; still seconds.
     config = LlamaConfig(
         vocab_size=1000,
